@@ -1,0 +1,354 @@
+"""Reparameterizable convolution blocks.
+
+Every block here is, at inference time, exactly one ``nn.Conv2d`` with bias. Each
+answers the same protocol (:class:`Reparameterizable`): its equivalent kernel and
+bias, from which :func:`rsd_deploy.fuse_model` builds the plain convolution.
+
+* :class:`ConvBN` is the plain network's conv + BatchNorm (or conv with bias).
+* :class:`RSDConv` is RSD's restructured teacher: ``num_square`` KxK conv-BN
+  branches, one Kx1 and one 1xK conv-BN branch, summed; in the student pass each
+  branch output is dropped per sample (branch drop).
+
+Models are written once against :func:`conv_block` / :func:`norm_layer`, which
+return the right module for the requested form: ``"rsd"`` (multi-branch training
+form), ``"plain"`` (conv+BN baseline) or ``"deploy"`` (fused: conv with bias).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Form = Literal["rsd", "plain", "deploy"]
+FORMS: tuple[str, ...] = ("rsd", "plain", "deploy")
+
+#: Kernel sizes that the RSD form restructures. The asymmetric Kx1 / 1xK branches
+#: must sit on the centre column / row of the KxK kernel with the same "same"
+#: padding, which needs an odd K; 1x1 and K >= 7 stay conv+BN as in the paper.
+RESTRUCTURED_KERNELS: tuple[int, ...] = (3, 5)
+
+
+class Reparameterizable(nn.Module):
+    """A block that collapses into one convolution for inference.
+
+    Subclasses set the convolution geometry below and implement
+    :meth:`equivalent_kernel_bias`, which must use BatchNorm running statistics.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    groups: int
+
+    def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        """Kernel ``(out, in/groups, kh, kw)`` and bias ``(out,)`` of the eval-mode block."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def to_conv(self) -> nn.Conv2d:
+        """The single ``nn.Conv2d`` (with bias) equal to this block in eval mode."""
+        kernel, bias = self.equivalent_kernel_bias()
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            groups=self.groups,
+            bias=True,
+            device=kernel.device,
+            dtype=kernel.dtype,
+        )
+        conv.weight.copy_(kernel)
+        conv.bias.copy_(bias)
+        return conv
+
+
+def fold_batchnorm(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(scale, shift)`` with ``bn(x) == x * scale + shift`` in eval mode."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm2d without running statistics")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _check_geometry(in_channels: int, out_channels: int, groups: int) -> None:
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f"in_channels ({in_channels}) and out_channels ({out_channels}) "
+            f"must both be divisible by groups ({groups})"
+        )
+
+
+def _init_conv_weight(weight: Tensor) -> None:
+    # torchvision's ResNet initialisation, applied branch by branch.
+    nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+
+
+class ConvBN(Reparameterizable):
+    """``Conv2d`` followed by ``BatchNorm2d``; with ``bn=False`` a conv with bias."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | None = None,
+        groups: int = 1,
+        *,
+        bn: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_geometry(in_channels, out_channels, groups)
+        padding = kernel_size // 2 if padding is None else padding
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = (kernel_size, kernel_size)
+        self.stride = (stride, stride)
+        self.padding = (padding, padding)
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=not bn
+        )
+        _init_conv_weight(self.conv.weight)
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+        self.bn = nn.BatchNorm2d(out_channels) if bn else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        return self.bn(y) if self.bn is not None else y
+
+    def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        kernel = self.conv.weight
+        if self.bn is None:
+            return kernel, self.conv.bias
+        scale, shift = fold_batchnorm(self.bn)
+        return kernel * scale.view(-1, 1, 1, 1), shift
+
+
+def drop_mask(batch: int, branches: int, p: float, *, device=None, dtype=None) -> Tensor:
+    """Per-sample, per-branch keep mask ``(batch, branches)``: 0, or 1/(1-p) when kept."""
+    keep = 1.0 - p
+    return torch.empty(batch, branches, device=device, dtype=dtype).bernoulli_(keep).div_(keep)
+
+
+class RSDConv(Reparameterizable):
+    """RSD's restructured KxK convolution: ``num_square`` KxK, one Kx1 and one 1xK branch.
+
+    Each branch is conv-BN (or, with ``bn=False``, a conv with bias, for convs that
+    are not followed by BN in the original network); the block outputs their sum.
+    The Kx1 / 1xK branches use paddings (K//2, 0) / (0, K//2), so their outputs line
+    up with the KxK ones at every position, borders and strides included.
+
+    The training forward is one convolution over all branches: the asymmetric
+    kernels are zero-padded into KxK (they stay Kx1 / 1xK, only the embedding is
+    padded), the branch kernels are stacked along the output channels, and one
+    BatchNorm runs over the stacked channels, which is the same as a BatchNorm per
+    branch because BN is per channel. With groups, the stacked channels are ordered
+    ``(group, branch, channel-in-group)`` as the grouped convolution requires; the
+    ``bn`` parameters and statistics follow that order.
+
+    ``drop_rate`` is the branch-drop probability of the student pass: in training
+    mode each branch output of each sample is zeroed with that probability and kept
+    outputs are scaled by 1/(1-p). It has no effect in eval mode.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        *,
+        num_square: int = 3,
+        bn: bool = True,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_geometry(in_channels, out_channels, groups)
+        if kernel_size < 3 or kernel_size % 2 == 0:
+            raise ValueError(
+                f"RSDConv needs an odd kernel size >= 3 (got {kernel_size}): the Kx1 and "
+                "1xK branches must sit on the centre column and row of the KxK kernel"
+            )
+        if num_square < 1:
+            raise ValueError(f"num_square must be >= 1 (got {num_square})")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = (kernel_size, kernel_size)
+        self.stride = (stride, stride)
+        self.padding = (kernel_size // 2, kernel_size // 2)
+        self.num_square = num_square
+        self.num_branches = num_square + 2
+        self.drop_rate = drop_rate
+
+        k, cin = kernel_size, in_channels // groups
+        self.weight_square = nn.Parameter(torch.empty(num_square, out_channels, cin, k, k))
+        self.weight_vertical = nn.Parameter(torch.empty(out_channels, cin, k, 1))
+        self.weight_horizontal = nn.Parameter(torch.empty(out_channels, cin, 1, k))
+        if bn:
+            self.bn: nn.BatchNorm2d | None = nn.BatchNorm2d(self.num_branches * out_channels)
+            self.register_parameter("bias", None)
+        else:
+            self.bn = None
+            self.bias = nn.Parameter(torch.empty(self.num_branches, out_channels))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (*self.weight_square, self.weight_vertical, self.weight_horizontal):
+            _init_conv_weight(w)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        if self.bn is not None:
+            self.bn.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, groups={self.groups}, num_square={self.num_square}, "
+            f"bn={self.bn is not None}, drop_rate={self.drop_rate}"
+        )
+
+    # Branch layout helpers -----------------------------------------------------------
+
+    def branch_kernels(self) -> Tensor:
+        """All branch kernels embedded in KxK: ``(num_branches, out, in/groups, K, K)``."""
+        p = self.padding[0]
+        vertical = F.pad(self.weight_vertical, (p, p, 0, 0))
+        horizontal = F.pad(self.weight_horizontal, (0, 0, p, p))
+        return torch.cat([self.weight_square, vertical[None], horizontal[None]])
+
+    def _stack(self, per_branch: Tensor) -> Tensor:
+        """``(branches, out, ...)`` -> stacked conv-channel order ``(groups*branches*out/groups, ...)``."""
+        g, nb = self.groups, self.num_branches
+        t = per_branch.reshape(nb, g, self.out_channels // g, *per_branch.shape[2:])
+        return t.transpose(0, 1).reshape(nb * self.out_channels, *per_branch.shape[2:])
+
+    def unstack(self, stacked: Tensor) -> Tensor:
+        """Stacked conv-channel order ``(groups*branches*out/groups, ...)`` -> ``(branches, out, ...)``."""
+        g, nb = self.groups, self.num_branches
+        t = stacked.reshape(g, nb, self.out_channels // g, *stacked.shape[1:])
+        return t.transpose(0, 1).reshape(nb, self.out_channels, *stacked.shape[1:])
+
+    # Forward ---------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.drop_rate if self.training else 0.0
+        if self.bn is None and p == 0.0:
+            # Without BN and without drop the block is linear: one conv, summed kernel.
+            return F.conv2d(
+                x, self.branch_kernels().sum(0), self.bias.sum(0), self.stride, self.padding,
+                groups=self.groups,
+            )
+        bias = None if self.bias is None else self._stack(self.bias)
+        y = F.conv2d(
+            x, self._stack(self.branch_kernels()), bias, self.stride, self.padding,
+            groups=self.groups,
+        )
+        if self.bn is not None:
+            y = self.bn(y)
+        b, _, h, w = y.shape
+        y = y.view(b, self.groups, self.num_branches, self.out_channels // self.groups, h, w)
+        if p > 0.0:
+            mask = drop_mask(b, self.num_branches, p, device=y.device, dtype=y.dtype)
+            y = y * mask.view(b, 1, self.num_branches, 1, 1, 1)
+        return y.sum(2).view(b, self.out_channels, h, w)
+
+    # Reparameterization ----------------------------------------------------------------
+
+    def equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        kernels = self.branch_kernels()
+        if self.bn is None:
+            return kernels.sum(0), self.bias.sum(0)
+        scale, shift = fold_batchnorm(self.bn)
+        scale, shift = self.unstack(scale), self.unstack(shift)
+        return (kernels * scale[:, :, None, None, None]).sum(0), shift.sum(0)
+
+
+class Affine2d(nn.Module):
+    """Per-channel scale and shift: an eval-mode ``BatchNorm2d`` with its statistics folded.
+
+    Stands where the architecture itself has a BatchNorm that no convolution can
+    absorb (DenseNet's pre-activation BN-ReLU-conv), so deployed models hold no BN.
+    """
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    @classmethod
+    @torch.no_grad()
+    def from_batchnorm(cls, bn: nn.BatchNorm2d) -> "Affine2d":
+        scale, shift = fold_batchnorm(bn)
+        affine = cls(bn.num_features).to(device=scale.device, dtype=scale.dtype)
+        affine.weight.copy_(scale)
+        affine.bias.copy_(shift)
+        return affine
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return str(self.num_features)
+
+
+def _check_form(form: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; expected one of {', '.join(FORMS)}")
+
+
+def conv_block(
+    form: Form,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    groups: int = 1,
+    *,
+    bn: bool = True,
+) -> nn.Module:
+    """A "same"-padded KxK convolution unit in the requested form.
+
+    ``bn`` says whether the architecture follows this conv with BatchNorm; without
+    it the conv (and, in the RSD form, every branch) has a bias instead.
+    """
+    _check_form(form)
+    if form == "deploy":
+        return nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups
+        )
+    if form == "rsd" and kernel_size in RESTRUCTURED_KERNELS:
+        return RSDConv(in_channels, out_channels, kernel_size, stride, groups, bn=bn)
+    return ConvBN(in_channels, out_channels, kernel_size, stride, groups=groups, bn=bn)
+
+
+def norm_layer(form: Form, num_features: int) -> nn.Module:
+    """A standalone BatchNorm (one no conv can absorb) in the requested form."""
+    _check_form(form)
+    return Affine2d(num_features) if form == "deploy" else nn.BatchNorm2d(num_features)
+
+
+def set_branch_drop(model: nn.Module, p: float) -> int:
+    """Set the branch-drop rate of every :class:`RSDConv` in ``model``; returns how many.
+
+    Only an attribute changes (no module is replaced), so optimizers, hooks and
+    ``torch.compile`` keep working.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"branch-drop rate must be in [0, 1) (got {p})")
+    blocks = [m for m in model.modules() if isinstance(m, RSDConv)]
+    for m in blocks:
+        m.drop_rate = float(p)
+    return len(blocks)

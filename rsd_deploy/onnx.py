@@ -1,0 +1,79 @@
+"""Export a PyTorch model to one ONNX file, atomically.
+
+Input ``input`` ``(N, C, H, W)``, output ``logits``; the batch axis is dynamic
+unless a fixed batch size is asked for. Uses the TorchScript-based exporter, which
+produces every opset from 9 to its newest quickly and deterministically.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .errors import RSDError
+from .io import atomic_path
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 17
+
+
+def max_opset() -> int:
+    """The newest opset the installed PyTorch exporter can produce."""
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+
+    return int(ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    input_shape: tuple[int, int, int],
+    batch: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``model`` (eval mode, on CPU) to ``path`` as ONNX.
+
+    ``batch=None`` makes the batch axis dynamic; an int fixes it. ``metadata`` goes
+    into the model's ``metadata_props``.
+    """
+    import onnx
+
+    if not 9 <= opset <= max_opset():
+        raise RSDError(
+            f"opset {opset} cannot be produced by this PyTorch (supported: 9 to {max_opset()})"
+        )
+    if batch is not None and batch < 1:
+        raise RSDError(f"batch size must be positive (got {batch})")
+    model = model.eval()
+    p = next(model.parameters())
+    example = torch.zeros(batch or 1, *input_shape, dtype=p.dtype, device=p.device)
+    dynamic = None if batch else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+    proto.producer_name = "rsd-deploy"
+    with atomic_path(path) as tmp:
+        onnx.save(proto, str(tmp))
