@@ -1,0 +1,218 @@
+"""Data sets: scikit-learn digits (offline default), CIFAR-10/100 and ImageFolder.
+
+Every data set is brought to the model's input size and channel count, normalized
+with its own statistics (recorded in the run so export and evaluation can redo the
+exact preprocessing), and augmented for training with the usual random crop with
+padding and horizontal flip (no flip for digits, where it changes the class).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import RSDError
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+
+# Per-channel statistics of the training splits.
+_CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+_CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+
+
+@dataclass
+class DataInfo:
+    """What a run records about its data: enough to rebuild the evaluation pipeline."""
+
+    name: str
+    dir: str | None
+    classes: list[str]
+    input_size: list[int]  #: [H, W] fed to the model
+    in_channels: int
+    mean: list[float]
+    std: list[float]
+    val_split: str = "val"
+    flip: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "DataInfo":
+        return cls(**d)
+
+
+def _transforms(info: DataInfo, train: bool):
+    from torchvision import transforms as T
+
+    h, w = info.input_size
+    steps: list[Any] = [T.Resize((h, w))]
+    if info.in_channels == 1:
+        steps.append(T.Grayscale(1))
+    if train:
+        steps.append(T.RandomCrop((h, w), padding=max(1, h // 8)))
+        if info.flip:
+            steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(info.mean, info.std)]
+    return T.Compose(steps)
+
+
+class _ArrayImages(Dataset):
+    """In-memory uint8 images ``(N, H, W, C)`` with labels, served through PIL transforms."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
+        self.images, self.labels, self.transform = images, labels.astype(np.int64), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        img = self.images[i]
+        img = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+        return self.transform(img.convert("RGB") if img.mode != "RGB" else img), int(self.labels[i])
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # (N, 8, 8, 1)
+    is_val = np.arange(len(images)) % 5 == 0  # fixed, seed-independent 80/20 split
+    return images[~is_val], d.target[~is_val], images[is_val], d.target[is_val]
+
+
+def _channel_stats(images: np.ndarray, in_channels: int) -> tuple[list[float], list[float]]:
+    x = images.astype(np.float64) / 255.0
+    if x.shape[-1] != in_channels:
+        x = np.repeat(x.mean(-1, keepdims=True), in_channels, -1)
+    flat = x.reshape(-1, in_channels)
+    return flat.mean(0).round(4).tolist(), flat.std(0).round(4).tolist()
+
+
+def _imagefolder_split(root: Path) -> str:
+    for split in ("val", "test"):
+        if (root / split).is_dir():
+            return split
+    raise RSDError(f"{root} needs train/ and val/ (or test/) ImageFolder subfolders")
+
+
+def _imagefolder_stats(root: Path, in_channels: int, limit: int = 5000) -> tuple[list[float], list[float]]:
+    from PIL import Image
+    from torchvision.datasets import ImageFolder
+
+    ds = ImageFolder(str(root / "train"))
+    step = max(1, len(ds) // limit)
+    s = np.zeros(in_channels)
+    s2 = np.zeros(in_channels)
+    n = 0
+    for path, _ in ds.samples[::step]:
+        with Image.open(path) as im:
+            x = np.asarray(im.convert("L" if in_channels == 1 else "RGB"), dtype=np.float64) / 255.0
+        x = x.reshape(-1, in_channels)
+        s += x.sum(0)
+        s2 += (x**2).sum(0)
+        n += len(x)
+    mean = s / n
+    std = np.sqrt(np.maximum(s2 / n - mean**2, 1e-12))
+    return mean.round(4).tolist(), std.round(4).tolist()
+
+
+def load_datasets(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    input_size: int,
+    in_channels: int = 3,
+    download: bool = False,
+) -> tuple[Dataset, Dataset, DataInfo]:
+    """Training and validation sets of ``name``, preprocessed for a model, and their info."""
+    if name not in DATASETS:
+        raise RSDError(f"unknown data set {name!r}; choose from: {', '.join(DATASETS)}")
+    size = [input_size, input_size]
+    if name == "digits":
+        xtr, ytr, xva, yva = _digits()
+        mean, std = _channel_stats(xtr, in_channels)
+        info = DataInfo("digits", None, [str(i) for i in range(10)], size, in_channels, mean, std,
+                        flip=False)
+        return (_ArrayImages(xtr, ytr, _transforms(info, True)),
+                _ArrayImages(xva, yva, _transforms(info, False)), info)
+
+    if data_dir is None:
+        raise RSDError(f"--data {name} needs --data-dir")
+    root = Path(data_dir).expanduser().resolve()
+    if name in ("cifar10", "cifar100"):
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        mean, std = _CIFAR10_STATS if name == "cifar10" else _CIFAR100_STATS
+        try:
+            train = cls(str(root), train=True, download=download)
+            val = cls(str(root), train=False, download=False)
+        except RuntimeError:
+            raise RSDError(
+                f"{name} not found under {root}; pass --download to fetch it there, "
+                "or --data-dir pointing to a folder that holds it"
+            ) from None
+        if in_channels != 3:
+            mean, std = _channel_stats(train.data[:5000], in_channels)
+        info = DataInfo(name, str(root), list(train.classes), size, in_channels, list(mean), list(std),
+                        val_split="test")
+        return (_ArrayImages(train.data, np.asarray(train.targets), _transforms(info, True)),
+                _ArrayImages(val.data, np.asarray(val.targets), _transforms(info, False)), info)
+
+    from torchvision.datasets import ImageFolder
+
+    if not (root / "train").is_dir():
+        raise RSDError(f"{root} has no train/ folder (expected train/ and val/ ImageFolder subfolders)")
+    split = _imagefolder_split(root)
+    mean, std = _imagefolder_stats(root, in_channels)
+    train_classes = ImageFolder(str(root / "train")).classes
+    info = DataInfo("imagefolder", str(root), train_classes, size, in_channels, mean, std,
+                    val_split=split)
+    train = ImageFolder(str(root / "train"), transform=_transforms(info, True))
+    val = ImageFolder(str(root / split), transform=_transforms(info, False))
+    if val.classes != train.classes:
+        raise RSDError(f"{root / split} and {root / 'train'} hold different classes")
+    return train, val, info
+
+
+def eval_dataset(info: DataInfo) -> Dataset:
+    """The validation split a run was evaluated on, with its evaluation preprocessing."""
+    if info.name == "digits":
+        _, _, xva, yva = _digits()
+        return _ArrayImages(xva, yva, _transforms(info, False))
+    if info.dir is None or not Path(info.dir).is_dir():
+        raise RSDError(f"the run's data set ({info.name} at {info.dir}) is not available here")
+    if info.name in ("cifar10", "cifar100"):
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if info.name == "cifar10" else datasets.CIFAR100
+        try:
+            val = cls(info.dir, train=False, download=False)
+        except RuntimeError:
+            raise RSDError(f"{info.name} not found under {info.dir}") from None
+        return _ArrayImages(val.data, np.asarray(val.targets), _transforms(info, False))
+    from torchvision.datasets import ImageFolder
+
+    return ImageFolder(str(Path(info.dir) / info.val_split), transform=_transforms(info, False))
+
+
+def first_batch(ds: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` samples of ``ds``, spread over its classes when it is sorted by class."""
+    step = max(1, len(ds) // n)
+    idx = list(range(0, len(ds), step))[:n]
+    xs, ys = zip(*(ds[i] for i in idx))
+    return torch.stack(xs), torch.tensor(ys)
