@@ -61,8 +61,9 @@ def model_table(num_classes: int | None = None) -> str:
         spec = models.get_spec(name)
         classes = num_classes or (1000 if spec.family == "imagenet" else 100)
         shape = (3, spec.input_size, spec.input_size)
-        rsd = models.create(name, num_classes=classes, form="rsd")
-        deploy = models.create(name, num_classes=classes, form="deploy")
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            rsd = models.create(name, num_classes=classes, form="rsd")
+            deploy = models.create(name, num_classes=classes, form="deploy")
         rows.append((
             name, spec.family, f"{spec.input_size}x{spec.input_size}",
             _human(count_params(rsd)), _human(count_macs(rsd, shape)),

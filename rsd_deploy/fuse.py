@@ -28,14 +28,17 @@ def check_finite(model: nn.Module) -> None:
             raise RSDError(f"'{name}.running_var' has negative entries; refusing to fuse")
 
 
-def _fuse_children(module: nn.Module) -> None:
+def _fuse(module: nn.Module) -> nn.Module:
+    """``module`` with every block replaced by its fused equivalent (in place where possible)."""
+    if isinstance(module, Reparameterizable):
+        return module.to_conv()
+    if isinstance(module, nn.BatchNorm2d):
+        return Affine2d.from_batchnorm(module)
     for name, child in module.named_children():
-        if isinstance(child, Reparameterizable):
-            setattr(module, name, child.to_conv())
-        elif isinstance(child, nn.BatchNorm2d):
-            setattr(module, name, Affine2d.from_batchnorm(child))
-        else:
-            _fuse_children(child)
+        fused = _fuse(child)
+        if fused is not child:
+            setattr(module, name, fused)
+    return module
 
 
 def fuse_model(model: nn.Module) -> nn.Module:
@@ -45,9 +48,7 @@ def fuse_model(model: nn.Module) -> nn.Module:
     left untouched. Raises :class:`RSDError` when weights or statistics are not finite.
     """
     check_finite(model)
-    fused = copy.deepcopy(model)
-    _fuse_children(fused)
-    fused.eval()
+    fused = _fuse(copy.deepcopy(model)).eval()
     left = [n for n, m in fused.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if left:
         raise RSDError(f"fusion left BatchNorm layers it cannot fold: {', '.join(left)}")

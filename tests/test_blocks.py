@@ -1,0 +1,147 @@
+"""The fast RSD block equals the literal per-branch block, and branch drop behaves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rsd_deploy import RSDConv, set_branch_drop
+from rsd_deploy.blocks import ConvBN, conv_block, drop_mask
+from rsd_deploy.models import create
+
+from reference import ReferenceRSDConv, fast_param_grads, to_reference
+
+CASES = [
+    # (cin, cout, k, stride, groups, bn)
+    (8, 12, 3, 1, 1, True),
+    (8, 12, 3, 2, 1, True),
+    (8, 12, 5, 1, 1, True),
+    (8, 12, 5, 2, 1, True),
+    (8, 12, 3, 1, 4, True),
+    (8, 8, 3, 2, 8, True),  # depthwise
+    (8, 8, 5, 1, 8, True),  # depthwise
+    (8, 12, 3, 1, 1, False),
+    (8, 12, 3, 2, 4, False),
+]
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,groups,bn", CASES)
+@pytest.mark.parametrize("drop", [0.0, 0.4])
+def test_fast_block_equals_per_branch_reference(cin, cout, k, stride, groups, bn, drop):
+    """Outputs, every parameter's gradient and BN running statistics, over training steps, fp64."""
+    torch.manual_seed(0)
+    fast = RSDConv(cin, cout, k, stride, groups, bn=bn, drop_rate=drop).double()
+    with torch.no_grad():  # non-trivial starting point for every parameter
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    ref = ReferenceRSDConv(fast)
+    fast_opt = torch.optim.SGD(fast.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step in range(3):
+        x = torch.randn(3, cin, 33, 17, dtype=torch.float64)
+        torch.manual_seed(100 + step)
+        y_fast = fast(x)
+        target = torch.randn_like(y_fast)
+        torch.manual_seed(100 + step)  # the same masks in both
+        y_ref = ref(x)
+        torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-10)
+        for opt, y in ((fast_opt, y_fast), (ref_opt, y_ref)):
+            opt.zero_grad()
+            ((y - target) ** 2).mean().backward()
+        ref_grads = dict(ref.named_parameters())
+        for name, g in fast_param_grads(fast).items():
+            torch.testing.assert_close(g, ref_grads[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+        fast_opt.step()
+        ref_opt.step()
+    if bn:
+        for name in ("running_mean", "running_var"):
+            stats = fast.unstack(getattr(fast.bn, name))
+            for b, ref_bn in enumerate(ref.bns):
+                torch.testing.assert_close(stats[b], getattr(ref_bn, name), rtol=1e-10, atol=1e-12)
+    fast.eval()
+    ref.eval()
+    x = torch.randn(2, cin, 33, 17, dtype=torch.float64)
+    torch.testing.assert_close(fast(x), ref(x), rtol=1e-10, atol=1e-10)
+
+
+def test_whole_model_equals_reference_in_training():
+    torch.manual_seed(0)
+    model = create("resnet20", num_classes=10).double().train()
+    set_branch_drop(model, 0.2)
+    ref = to_reference(model)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(7)
+    y = model(x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(y, ref(x), rtol=1e-9, atol=1e-10)
+
+
+def test_drop_keeps_each_branch_per_sample_and_rescales():
+    """With p = 0.5 each sample's output is 2 x the sum of exactly the branches its mask kept."""
+    torch.manual_seed(1)
+    fast = RSDConv(4, 6, 3, drop_rate=0.5).double().train()
+    x = torch.randn(16, 4, 9, 9, dtype=torch.float64)
+    torch.manual_seed(5)
+    y = fast(x)
+    torch.manual_seed(5)
+    mask = drop_mask(16, fast.num_branches, 0.5, dtype=torch.float64)
+    assert set(mask.unique().tolist()) <= {0.0, 2.0}
+    assert 0 < (mask == 0).sum() < mask.numel()
+    ref = ReferenceRSDConv(fast)
+    ref.drop_rate = 0.0
+    branch_outputs = []
+    for b, conv in enumerate(ref.convs):
+        branch_outputs.append(ref.bns[b](conv(x)))
+    expected = sum(mask[:, b].view(-1, 1, 1, 1) * out for b, out in enumerate(branch_outputs))
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_no_drop_in_eval_mode_or_at_zero_rate():
+    torch.manual_seed(0)
+    block = RSDConv(4, 6, 3, drop_rate=0.9)
+    x = torch.randn(8, 4, 7, 7)
+    block.eval()
+    assert torch.equal(block(x), block(x))
+    block.train()
+    torch.manual_seed(0)
+    dropped = block(x)
+    set_branch_drop(block, 0.0)
+    a, b = block(x), block(x)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, dropped)
+
+
+def test_set_branch_drop_changes_attributes_only():
+    model = create("resnet20", num_classes=10)
+    before = {name: id(m) for name, m in model.named_modules()}
+    params_before = [id(p) for p in model.parameters()]
+    n = set_branch_drop(model, 0.2)
+    assert n == 19  # stem + 18 block convs; 1x1 shortcuts stay conv+BN
+    assert all(m.drop_rate == 0.2 for m in model.modules() if isinstance(m, RSDConv))
+    assert {name: id(m) for name, m in model.named_modules()} == before
+    assert [id(p) for p in model.parameters()] == params_before
+    with pytest.raises(ValueError):
+        set_branch_drop(model, 1.0)
+
+
+def test_conv_block_forms_and_kernel_rule():
+    assert isinstance(conv_block("rsd", 4, 4, 3), RSDConv)
+    assert isinstance(conv_block("rsd", 4, 4, 5), RSDConv)
+    assert type(conv_block("rsd", 4, 4, 1)) is ConvBN  # 1x1 stays conv+BN
+    assert type(conv_block("rsd", 4, 4, 7)) is ConvBN  # K >= 7 stays conv+BN
+    assert type(conv_block("plain", 4, 4, 3)) is ConvBN
+    deploy = conv_block("deploy", 4, 4, 3)
+    assert type(deploy) is nn.Conv2d and deploy.bias is not None
+    with pytest.raises(ValueError):
+        conv_block("fancy", 4, 4, 3)
+    with pytest.raises(ValueError):
+        RSDConv(4, 4, 4)  # even kernels cannot centre the Kx1 / 1xK branches
+
+
+def test_rsd_block_parameter_count():
+    # 3 KxK + Kx1 + 1xK kernels per (in, out) pair, and 5 BN affine pairs per output channel.
+    block = RSDConv(16, 32, 3)
+    assert sum(p.numel() for p in block.parameters()) == 16 * 32 * (3 * 9 + 2 * 3) + 2 * 5 * 32
+    grouped = RSDConv(16, 32, 5, groups=4, bn=False)
+    assert sum(p.numel() for p in grouped.parameters()) == 4 * 32 * (3 * 25 + 2 * 5) + 5 * 32

@@ -1,0 +1,128 @@
+"""The model zoo: architectures as specified, mix points, counts, the CLI table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from rsd_deploy import RSDConv, RSDError, __version__
+from rsd_deploy.blocks import ConvBN
+from rsd_deploy.cli import main
+from rsd_deploy.complexity import count_macs, count_params
+from rsd_deploy.models import create, get_spec, names
+from rsd_deploy.models.resnet import BasicBlock, Bottleneck
+
+ZOO = {
+    "resnet20", "resnet32", "resnet56", "resnet110", "wrn20_8", "vgg16", "vgg19",
+    "densenet40_12", "resnet18", "resnet34",
+}
+
+
+def test_registry_lists_the_zoo():
+    assert set(names()) == ZOO
+    assert get_spec("resnet18").input_size == 224 and get_spec("resnet18").family == "imagenet"
+    assert get_spec("vgg16").input_size == 32 and get_spec("vgg16").family == "cifar"
+
+
+def test_create_rejects_bad_input():
+    with pytest.raises(RSDError, match="unknown model 'resnet21'.*resnet20"):
+        create("resnet21", num_classes=10)
+    with pytest.raises(RSDError, match="unknown form"):
+        create("resnet20", num_classes=10, form="fused")  # type: ignore[arg-type]
+    with pytest.raises(RSDError):
+        create("resnet20", num_classes=0)
+
+
+def test_resnet20_plain_matches_hand_count():
+    # stem 3x3 (3->16) + BN, then 3 stages of 3 basic blocks (16/32/64), 1x1+BN shortcuts
+    # where the shape changes, and a 64->10 linear layer.
+    conv = lambda cin, cout, k: cin * cout * k * k + 2 * cout  # conv + BN affine
+    stage1 = 6 * conv(16, 16, 3)
+    stage2 = conv(16, 32, 3) + 5 * conv(32, 32, 3) + conv(16, 32, 1)
+    stage3 = conv(32, 64, 3) + 5 * conv(64, 64, 3) + conv(32, 64, 1)
+    expected = conv(3, 16, 3) + stage1 + stage2 + stage3 + 64 * 10 + 10
+    assert count_params(create("resnet20", num_classes=10, form="plain")) == expected
+    # MACs: 16 + 2*... per-pixel work on 32x32, 16x16 and 8x8 maps.
+    macs = (
+        3 * 16 * 9 * 32 * 32
+        + 6 * 16 * 16 * 9 * 32 * 32
+        + (16 * 32 * 9 + 5 * 32 * 32 * 9 + 16 * 32) * 16 * 16
+        + (32 * 64 * 9 + 5 * 64 * 64 * 9 + 32 * 64) * 8 * 8
+        + 64 * 10
+    )
+    assert count_macs(create("resnet20", num_classes=10, form="deploy"), (3, 32, 32)) == macs
+
+
+@pytest.mark.parametrize(
+    "name,block,per_stage,out_channels",
+    [
+        ("resnet32", BasicBlock, 5, 64),
+        ("resnet110", Bottleneck, 12, 256),
+        ("wrn20_8", Bottleneck, 2, 256),
+        ("resnet18", BasicBlock, None, 512),
+    ],
+)
+def test_resnet_structures(name, block, per_stage, out_channels):
+    model = create(name, num_classes=10, form="plain")
+    for stage in model.stages:
+        assert all(isinstance(b, block) for b in stage)
+        if per_stage is not None:
+            assert len(stage) == per_stage
+    assert model.head[-1].in_features == out_channels
+    if name == "wrn20_8":  # width per group 512: bottleneck inner width 8x planes
+        assert [s[0].conv2.conv.out_channels for s in model.stages] == [128, 256, 512]
+    if name == "resnet18":
+        assert [len(s) for s in model.stages] == [2, 2, 2, 2]
+        assert model.stem[0].kernel_size == (7, 7)
+
+
+def test_vgg_and_densenet_structures():
+    vgg16, vgg19 = (create(n, num_classes=100, form="plain") for n in ("vgg16", "vgg19"))
+    conv_count = lambda m: sum(isinstance(x, ConvBN) for x in m.modules())
+    assert (conv_count(vgg16), conv_count(vgg19)) == (13, 16)
+    assert vgg16.head[-1].in_features == 512
+    dense = create("densenet40_12", num_classes=100, form="plain")
+    layers = [sum(type(m).__name__ == "DenseLayer" for m in s.modules()) for s in dense.stages]
+    assert layers == [6, 6, 6]
+    assert dense.head[-1].in_features == 132  # 24 + 6*12 -> 48 + 72 -> 60 + 72
+
+
+@pytest.mark.parametrize("name", ["resnet20", "wrn20_8", "vgg16", "densenet40_12", "resnet18"])
+def test_mix_points_compose_to_the_full_forward(name):
+    torch.manual_seed(0)
+    model = create(name, num_classes=7).eval()
+    size = 64 if name == "resnet18" else 32
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        y = model(x)
+        feats, logits = model.forward_features(x)
+        assert len(feats) == model.num_mix_points == len(model.stages) + 1
+        torch.testing.assert_close(logits, y)
+        for point in range(model.num_mix_points):
+            h = model.forward_to(x, point)
+            torch.testing.assert_close(h, feats[point])
+            torch.testing.assert_close(model.forward_from(h, point), y)
+
+
+def test_rsd_form_restructures_exactly_the_kxk_convs():
+    rsd, plain = create("resnet18", num_classes=10), create("resnet18", num_classes=10, form="plain")
+    k3 = sum(isinstance(m, ConvBN) and m.kernel_size == (3, 3) for m in plain.modules())
+    assert sum(isinstance(m, RSDConv) for m in rsd.modules()) == k3 == 16
+    kept = [m.kernel_size for m in rsd.modules() if isinstance(m, ConvBN)]
+    assert sorted(kept) == [(1, 1)] * 3 + [(7, 7)]  # shortcuts and the 7x7 stem stay conv+BN
+
+
+def test_cli_version_help_and_models_table():
+    runner = CliRunner()
+    assert runner.invoke(main, ["--version"]).output.strip() == f"rsd-deploy, version {__version__}"
+    assert runner.invoke(main, ["--help"]).exit_code == 0
+    result = runner.invoke(main, ["models"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[2:] if line.strip() and line.split()[0] in ZOO}
+    assert set(rows) == ZOO
+    # resnet32 for CIFAR-100: 0.47M parameters deployed (the paper's figure), ~3.7x while training.
+    assert rows["resnet32"][5] == "471.52K"
+    assert rows["resnet32"][1:3] == ["cifar", "32x32"]
