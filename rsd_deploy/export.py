@@ -237,10 +237,12 @@ class _Staging:
     def __enter__(self) -> "_Staging":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
         if self.created and not self.published:
             shutil.rmtree(self.out, ignore_errors=True)
+        if isinstance(exc, RSDError) and not self.published:
+            raise RSDError(f"{exc} (nothing was written)") from None
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
