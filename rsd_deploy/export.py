@@ -265,7 +265,9 @@ class _Staging:
 
 def _onnx_metadata(meta: Mapping[str, Any], form: str, source_sha: str) -> dict[str, str]:
     data = meta.get("data") if isinstance(meta.get("data"), Mapping) else {}
-    norm = meta.get("normalization") or {"mean": data.get("mean"), "std": data.get("std")}
+    norm = meta.get("normalization")
+    if not isinstance(norm, Mapping):
+        norm = {"mean": data.get("mean"), "std": data.get("std")}
     classes = meta.get("classes") or data.get("classes")
     entries = {
         "model": meta["model"],
