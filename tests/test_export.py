@@ -59,7 +59,7 @@ def _one_line_error(result) -> str:
 # -- the happy path ------------------------------------------------------------------
 
 
-def test_resnet20_end_to_end_cli(runs, tmp_path, cifar_mini):
+def test_resnet20_end_to_end_cli(runs, tmp_path):
     """CLI with the ONNX profile: exit 0, every artifact verified; the fused ONNX top-1
     equals the unfused PyTorch model's on all of cifar10-mini/val."""
     out = tmp_path / "deploy"
