@@ -1,0 +1,191 @@
+"""TensorRT 10 engines: build one from ONNX, run it on torch CUDA tensors.
+
+TensorRT is optional (``pip install 'rsd-deploy[trt]'`` on a machine with an
+NVIDIA GPU) and imported lazily: :func:`require_tensorrt` gives a one-line
+:class:`RSDError` saying how to get it when it or a CUDA device is missing.
+
+Engines have one optimization profile over the batch axis, ``(min, opt, max)``;
+the other axes are fixed by the ONNX file. Builds clear TF32 so that fp32 engines
+compute in true fp32 (their parity against ONNX Runtime is checked at fp32
+tolerances); ``fp16=True`` lets TensorRT pick half-precision kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import RSDError
+from .io import atomic_path
+from .onnx import INPUT_NAME, OUTPUT_NAME
+
+INSTALL_HINT = "pip install 'rsd-deploy[trt]' on a machine with an NVIDIA GPU"
+WORKSPACE_BYTES = 1 << 30
+
+
+def require_tensorrt():
+    """The ``tensorrt`` module, or :class:`RSDError` when it or a CUDA device is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise RSDError(f"TensorRT is not installed: {INSTALL_HINT}") from None
+    if not torch.cuda.is_available():
+        raise RSDError(f"TensorRT needs a CUDA device and none is available: {INSTALL_HINT}")
+    if int(trt.__version__.split(".")[0]) != 10:
+        raise RSDError(f"TensorRT {trt.__version__} found; rsd-deploy needs TensorRT 10: {INSTALL_HINT}")
+    return trt
+
+
+def _logger(trt):
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    *,
+    input_shape: tuple[int, int, int],
+    min_batch: int = 1,
+    opt_batch: int,
+    max_batch: int,
+    fp16: bool = False,
+    timing_cache: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Build a serialized engine from ``onnx_path`` and write it to ``engine_path`` atomically.
+
+    ``input_shape`` is ``(C, H, W)``; the profile covers batches ``min_batch`` to
+    ``max_batch``, tuned for ``opt_batch``. A fixed-batch ONNX file needs all three
+    equal to its batch. ``timing_cache``, when given, is read if it exists and
+    rewritten (atomically) with the tactics timed by this build. Returns what was
+    built: the profile, precision, TensorRT version and engine size.
+    """
+    trt = require_tensorrt()
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise RSDError(
+            f"the batch profile needs 1 <= min <= opt <= max (got {min_batch}, {opt_batch}, {max_batch})"
+        )
+    logger = _logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RSDError(f"TensorRT cannot parse {onnx_path}: {errors[:300]}")
+    if network.num_inputs != 1 or network.num_outputs != 1:
+        raise RSDError(f"{onnx_path} must have one input and one output for TensorRT")
+    tensor = network.get_input(0)
+    dims = tuple(tensor.shape)
+    if tuple(dims[1:]) != tuple(input_shape):
+        raise RSDError(f"{onnx_path} takes input (N, {', '.join(map(str, dims[1:]))}), not (N, {input_shape})")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    config.clear_flag(trt.BuilderFlag.TF32)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if dims[0] == -1:
+        profile = builder.create_optimization_profile()
+        profile.set_shape(
+            tensor.name,
+            (min_batch, *input_shape),
+            (opt_batch, *input_shape),
+            (max_batch, *input_shape),
+        )
+        config.add_optimization_profile(profile)
+    elif not min_batch == opt_batch == max_batch == dims[0]:
+        raise RSDError(
+            f"{onnx_path} has a fixed batch of {dims[0]}: the engine profile must be "
+            f"({dims[0]}, {dims[0]}, {dims[0]}), not ({min_batch}, {opt_batch}, {max_batch})"
+        )
+
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        # A cache from another TensorRT version or GPU: start from an empty one.
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RSDError(f"TensorRT could not build an engine from {onnx_path} (see its log above)")
+    engine_bytes = memoryview(serialized)
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(engine_bytes)
+    if cache_path is not None:
+        with atomic_path(cache_path) as tmp:
+            tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    return {
+        "min_batch": int(min_batch),
+        "opt_batch": int(opt_batch),
+        "max_batch": int(max_batch),
+        "precision": "fp16" if fp16 else "fp32",
+        "tf32": False,
+        "tensorrt_version": trt.__version__,
+        "engine_bytes": len(engine_bytes),
+        "device": torch.cuda.get_device_name(),
+    }
+
+
+class TrtRunner:
+    """A deserialized engine that maps a CUDA tensor ``(N, C, H, W)`` to its logits.
+
+    Runs on torch's current CUDA stream; inputs and outputs stay on the GPU. Batches
+    from :attr:`min_batch` to :attr:`max_batch` are accepted.
+    """
+
+    def __init__(self, engine_path: str | os.PathLike) -> None:
+        trt = require_tensorrt()
+        path = Path(engine_path)
+        if not path.is_file():
+            raise RSDError(f"engine file {path} not found")
+        self._logger = _logger(trt)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise RSDError(
+                f"TensorRT cannot load {path}: it is corrupt or was built by another TensorRT "
+                "version or GPU; rebuild it with rsd-deploy fuse-export --trt"
+            )
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise RSDError(f"{path} must have one input and one output (has {inputs} and {outputs})")
+        self.input_name, self.output_name = inputs[0], outputs[0]
+        if (self.input_name, self.output_name) != (INPUT_NAME, OUTPUT_NAME):
+            raise RSDError(f"{path} does not come from an rsd-deploy ONNX file")
+        shape = tuple(self.engine.get_tensor_shape(self.input_name))
+        self.input_shape: tuple[int, ...] = shape[1:]
+        if shape[0] == -1:
+            lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
+            self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
+        else:
+            self.min_batch = self.max_batch = int(shape[0])
+        to_torch = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+        self.input_dtype = to_torch[self.engine.get_tensor_dtype(self.input_name)]
+        self.output_dtype = to_torch[self.engine.get_tensor_dtype(self.output_name)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            raise RSDError("TrtRunner takes a CUDA tensor")
+        if tuple(x.shape[1:]) != self.input_shape or not self.min_batch <= x.shape[0] <= self.max_batch:
+            raise RSDError(
+                f"input shape {tuple(x.shape)} is outside the engine's profile: batch "
+                f"{self.min_batch} to {self.max_batch} of {self.input_shape}"
+            )
+        x = x.to(self.input_dtype).contiguous()
+        if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
+            raise RSDError(f"TensorRT rejected input shape {tuple(x.shape)}")
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        out = torch.empty(out_shape, dtype=self.output_dtype, device=x.device)
+        self.context.set_tensor_address(self.input_name, x.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        stream = torch.cuda.current_stream(x.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        return out

@@ -1,0 +1,130 @@
+"""The pieces of fuse-export: parity numbers, graph audit, options and profiles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rsd_deploy import RSDError, models
+from rsd_deploy.audit import audit, op_histogram, reference_histogram
+from rsd_deploy.export import ExportOptions, load_profile, parse_batch
+from rsd_deploy.onnx import export_onnx
+from rsd_deploy.verify import Tolerance, compare, parity, require, tile_batch
+
+PROFILES = Path(__file__).resolve().parents[1] / "export"
+
+
+def test_compare_numbers():
+    ref = torch.tensor([[1.0, 4.0, 2.0], [3.0, 0.0, -8.0]])
+    out = ref.clone()
+    out[0, 0] += 0.5  # no top-1 change
+    out[1, 1] += 3.5  # row 1 now picks class 1 instead of 0
+    stats = compare(ref, out)
+    assert stats["n"] == 2
+    assert stats["max_abs"] == pytest.approx(3.5)
+    assert stats["max_ref"] == pytest.approx(8.0)
+    assert stats["max_rel"] == pytest.approx(3.5 / 8.0)
+    assert stats["top1_agreement"] == pytest.approx(0.5)
+
+
+def test_parity_bound_scales_with_logits():
+    ref = np.array([[100.0, -50.0]])
+    check = parity("x", ref, ref + 0.01, Tolerance(atol=1e-4, rtol=1e-4))
+    assert check["bound"] == pytest.approx(1e-4 + 1e-2)
+    assert check["passed"]
+    check = parity("x", ref, ref + 0.02, Tolerance(atol=1e-4, rtol=1e-4))
+    assert not check["passed"]
+    with pytest.raises(RSDError, match="max abs error 0.02 exceeds the tolerance 0.0101"):
+        require(check)
+
+
+def test_parity_rejects_non_finite_and_shape_mismatch():
+    ref = np.zeros((2, 3))
+    bad = ref.copy()
+    bad[1, 2] = np.nan
+    check = parity("x", ref, bad, Tolerance(1.0, 1.0))
+    assert not check["passed"]
+    with pytest.raises(RSDError, match="non-finite"):
+        require(check)
+    with pytest.raises(RSDError, match="shape"):
+        compare(ref, np.zeros((2, 4)))
+    with pytest.raises(RSDError, match="non-negative"):
+        Tolerance(-1.0, 0.0)
+
+
+def test_tile_batch():
+    x = torch.arange(3).view(3, 1)
+    assert tile_batch(x, 7).flatten().tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert tile_batch(x, 2).flatten().tolist() == [0, 1]
+
+
+def test_audit_rules():
+    ref = {"Add": 9, "Conv": 21, "Gemm": 1, "Relu": 19}
+    assert audit(dict(ref), ref)["passed"]
+    bad = audit({**ref, "Conv": 22, "BatchNormalization": 1, "Add": 10, "Identity": 3}, ref)
+    assert not bad["passed"]
+    assert {k for k, r in bad["rules"].items() if not r["passed"]} == {
+        "conv_equal", "no_batchnorm", "no_extra_add"}
+    assert bad["difference"] == {"Add": 1, "BatchNormalization": 1, "Conv": 1}  # Identity ignored
+    fewer_adds = audit({**ref, "Add": 8}, ref)
+    assert fewer_adds["passed"] and not fewer_adds["identical"]
+
+
+def test_reference_histogram_is_the_plain_architecture(tmp_path):
+    hist = reference_histogram("resnet20", num_classes=10, in_channels=3,
+                               input_shape=(3, 16, 16), opset=17, batch=None)
+    assert hist["Conv"] == 21  # 19 3x3 convs + 2 projection shortcuts
+    assert hist["Add"] == 9  # one residual add per basic block
+    assert "BatchNormalization" not in hist
+
+    # The RSD training form exported as is keeps BN and its branch bookkeeping.
+    export_onnx(models.create("resnet20", num_classes=10).eval(), tmp_path / "m.onnx",
+                input_shape=(3, 16, 16))
+    rsd = op_histogram(tmp_path / "m.onnx")
+    assert rsd.get("BatchNormalization", 0) == 19  # one stacked BN per RSD block
+    assert rsd["ReduceSum"] == 19  # the branch sum
+
+
+def test_parse_batch():
+    assert parse_batch("dynamic") is None and parse_batch(None) is None
+    assert parse_batch("8") == 8 and parse_batch(8) == 8
+    for bad in ("0", "-1", "x", 2.5, True):
+        with pytest.raises(RSDError):
+            parse_batch(bad)
+
+
+def test_shipped_profiles_load():
+    dyn = load_profile(PROFILES / "onnx-dynamic.json")
+    assert dyn.onnx and dyn.batch is None and dyn.keep_unfused and not dyn.trt
+    fp32 = load_profile(PROFILES / "trt-fp32.json")
+    assert fp32.trt and not fp32.fp16 and fp32.trt_profile() == (1, 64, 64)
+    assert fp32.trt_tolerance() == Tolerance(1e-3, 1e-3)
+    fp16 = load_profile(PROFILES / "trt-fp16.json")
+    assert fp16.trt and fp16.fp16 and fp16.trt_tolerance() == Tolerance(1e-2, 2e-2)
+    for p in (dyn, fp32, fp16):
+        p.validate()
+
+
+def test_flags_override_profile(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"onnx": True, "trt": True, "fp16": True, "max_batch": 32}))
+    opts = load_profile(path).with_overrides({"fp16": False, "max_batch": 8, "opt_batch": 4})
+    assert opts.trt and not opts.fp16 and opts.trt_profile() == (1, 4, 8)
+
+
+def test_options_validation():
+    with pytest.raises(RSDError, match="opset 8 cannot be produced"):
+        ExportOptions(onnx=True, opset=8).validate()
+    ExportOptions(onnx=False, opset=8).validate()  # no ONNX asked for: opset unused
+    with pytest.raises(RSDError, match="fixed ONNX batch of 4"):
+        ExportOptions(trt=True, batch=4, max_batch=8).validate()
+    assert ExportOptions(trt=True, batch=4).trt_profile() == (4, 4, 4)
+    with pytest.raises(RSDError, match="opt-batch"):
+        ExportOptions(trt=True, max_batch=8, opt_batch=16).validate()
+    with pytest.raises(RSDError, match="non-negative"):
+        ExportOptions(atol=-1).validate()
+    assert ExportOptions(trt=True).writes_onnx
