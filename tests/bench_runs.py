@@ -42,7 +42,7 @@ def run_meta(name: str, form: str, input_size: int, num_classes: int = 10) -> di
 
 def make_run(root: Path, name: str = "resnet20", *, form: str = "rsd", export: bool = True,
              input_size: int | None = None, tensorrt: dict[str, Any] | None = None,
-             seed: int = 0) -> Path:
+             seed: int = 0, dirname: str | None = None) -> Path:
     """Write a run directory under ``root``; with ``export`` also its ``deploy/`` folder.
 
     ``tensorrt`` is recorded as the deploy ``run.json``'s engine profile (the engine
@@ -50,7 +50,7 @@ def make_run(root: Path, name: str = "resnet20", *, form: str = "rsd", export: b
     """
     torch.manual_seed(seed)
     size = input_size or models.get_spec(name).input_size
-    run_dir = Path(root) / f"{name}-{form}"
+    run_dir = Path(root) / (dirname or f"{name}-{form}")
     model = models.create(name, num_classes=10, form=form)
     _randomize_bn(model, seed)
     meta = run_meta(name, form, size)

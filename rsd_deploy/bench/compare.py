@@ -174,7 +174,10 @@ def _require_trt_module():
         trt_mod = importlib.import_module("rsd_deploy.tensorrt")
     except ImportError as e:
         if e.name and e.name.startswith("rsd_deploy"):
-            raise RSDError("this rsd-deploy installation has no TensorRT support module") from None
+            raise RSDError(
+                "TensorRT support (rsd_deploy.tensorrt) is missing from this installation; on a "
+                "machine with an NVIDIA GPU: pip install 'rsd-deploy[trt]'"
+            ) from None
         raise
     trt_mod.require_tensorrt()
     return trt_mod
@@ -214,6 +217,19 @@ def _loaded(backend: str, subjects: dict[str, Subject], device: str, threads: in
         yield {r: backends.ort_load(s.artifact, device, threads) for r, s in subjects.items()}
     else:
         yield {r: backends.trt_load(s.artifact) for r, s in subjects.items()}
+
+
+def _backend_settings(backend: str, loaded: Any, device: str) -> dict[str, Any]:
+    """What the backend ran with, beyond the machine: providers and their options (TF32!), cuDNN."""
+    if backend == "ort":
+        opts = loaded.get_session_options()
+        return {"onnxruntime_providers": loaded.get_providers(),
+                "provider_options": loaded.get_provider_options(),
+                "graph_optimization": str(opts.graph_optimization_level),
+                "intra_op_threads": opts.intra_op_num_threads}
+    if backend == "torch":
+        return {"cudnn_benchmark": device == "cuda", "inference_mode": True}
+    return {}
 
 
 def _timer(backend: str, loaded: Any, batch: int, input_shape, device: str) -> Timer:
@@ -266,9 +282,10 @@ def bench_run(
     elif backend == "trt":
         profile = trt_profile(deploy_dir, sizes)
         precision = str(profile["precision"])
+    # TensorRT's own check says how to get it (and checks CUDA); the others need CUDA only.
+    trt_mod = _require_trt_module() if backend == "trt" else None
     if device == "cuda":
         backends.require_cuda()
-    trt_mod = _require_trt_module() if backend == "trt" else None
     baseline_dir = Path(baseline) if baseline is not None else None
 
     say = progress or (lambda _msg: None)
@@ -310,6 +327,7 @@ def bench_run(
 
         entries, timings = [], {}
         with backends.torch_settings(threads, device), _loaded(backend, subjects, device, threads) as loaded:
+            settings = _backend_settings(backend, loaded["fused"], device)
             for batch in sizes:
                 say(f"batch {batch}: timing {', '.join(ROLES)} in interleaved rounds")
                 timers = {r: _timer(backend, loaded[r], batch, input_shape, device) for r in ROLES}
@@ -331,6 +349,7 @@ def bench_run(
         "threads": threads,
         "precision": precision,
         "tensorrt_profile": profile,
+        "backend_settings": settings,
         "budget": budget.to_json(),
         "batch_sizes": sizes,
         "models": model_info,

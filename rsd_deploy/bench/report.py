@@ -17,7 +17,7 @@ from ..io import atomic_path, write_json
 
 JSON_FILE, TIMINGS_FILE, MARKDOWN_FILE, PLOT_FILE = "bench.json", "timings.json", "bench.md", "bench.png"
 ROLES = ("unfused", "fused", "baseline")
-_PACKAGES = ("rsd-deploy", "torch", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "tensorrt")
+_PACKAGES = ("torch", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "tensorrt")
 
 
 def cpu_model() -> str:
@@ -81,7 +81,9 @@ def gpu_info() -> dict[str, Any] | None:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
+    from .. import __version__
+
+    versions = {"python": platform.python_version(), "rsd-deploy": __version__}
     for name in _PACKAGES:
         try:
             versions[name] = metadata.version(name)

@@ -172,7 +172,7 @@ def instability(
     warnings: list[str] = []
     n_rounds = _check_rounds(times)
     if n_rounds < MIN_ROUNDS:
-        warnings.append(f"only {n_rounds} rounds: the interval is coarse; give a longer --min-s")
+        warnings.append(f"only {n_rounds} rounds: the interval is coarse; measure longer (--min-s) or more rounds (--iters)")
     width = fused_vs_baseline.hi - fused_vs_baseline.lo
     if width > 2 * tolerance:
         warnings.append(
