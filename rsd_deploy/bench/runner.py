@@ -54,7 +54,7 @@ class Budget:
         return asdict(self)
 
 
-def warm_up(timer: Timer, seconds: float, min_calls: int = 2) -> list[float]:
+def warm_up(timer: Timer, seconds: float, min_calls: int = 1) -> list[float]:
     """Call ``timer`` for at least ``seconds`` and ``min_calls`` calls; return the call times."""
     times: list[float] = []
     start = time.perf_counter()
@@ -80,7 +80,8 @@ def measure(
     per_turn: dict[str, int] = {}
     for name in names:
         warm = warm_up(timers[name], budget.warmup_s)
-        # The last half of the warm-up, past one-time setup, predicts the steady state.
+        # The last half of the warm-up, past one-time setup, predicts the steady state
+        # (with a single warm-up call, that call: an overestimate, so fewer calls per turn).
         per_turn[name] = 1 if budget.iters else calls_per_turn(
             float(np.median(warm[len(warm) // 2 :])), budget.round_s
         )
