@@ -11,11 +11,10 @@ temporary folder.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,15 +207,13 @@ def _analyse(batch: int, rounds: dict[str, list[list[float]]]) -> dict[str, Any]
     }
 
 
-@contextlib.contextmanager
-def _loaded(backend: str, subjects: dict[str, Subject], device: str, threads: int) -> Iterator[dict[str, Any]]:
-    """Each subject loaded for the backend (module, ONNX Runtime session or TensorRT runner)."""
+def _load(backend: str, subjects: dict[str, Subject], device: str, threads: int) -> dict[str, Any]:
+    """Each subject loaded for the backend: the module, an ONNX Runtime session or a TensorRT runner."""
     if backend == "torch":
-        yield {r: s.module for r, s in subjects.items()}
-    elif backend == "ort":
-        yield {r: backends.ort_load(s.artifact, device, threads) for r, s in subjects.items()}
-    else:
-        yield {r: backends.trt_load(s.artifact) for r, s in subjects.items()}
+        return {r: s.module for r, s in subjects.items()}
+    if backend == "ort":
+        return {r: backends.ort_load(s.artifact, device, threads) for r, s in subjects.items()}
+    return {r: backends.trt_load(s.artifact) for r, s in subjects.items()}
 
 
 def _backend_settings(backend: str, loaded: Any, device: str) -> dict[str, Any]:
@@ -326,7 +323,8 @@ def bench_run(
             model_info[r]["description"] = subjects[r].description
 
         entries, timings = [], {}
-        with backends.torch_settings(threads, device), _loaded(backend, subjects, device, threads) as loaded:
+        with backends.torch_settings(threads, device):
+            loaded = _load(backend, subjects, device, threads)
             settings = _backend_settings(backend, loaded["fused"], device)
             for batch in sizes:
                 say(f"batch {batch}: timing {', '.join(ROLES)} in interleaved rounds")
