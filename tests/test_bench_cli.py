@@ -257,3 +257,55 @@ def test_trt_end_to_end(runs, tmp_path):
     report = _gpu_report(run_dir, "trt", tmp_path / "trt")
     assert report["tensorrt_profile"] == profile
     assert "model.engine" in report["models"]["fused"]["description"]
+
+
+# The TensorRT orchestration, with a stand-in for rsd_deploy.tensorrt ---------------------------
+
+@pytest.mark.parametrize(("fused_ms", "status"), [(1.0, "no_overhead"), (1.1, "overhead")])
+def test_trt_orchestration_builds_the_others_with_the_fused_engines_settings(
+    runs, tmp_path, monkeypatch, fused_ms, status
+):
+    """Everything but the GPU: which engines get built, with which profile, and what is timed.
+
+    A fake ``rsd_deploy.tensorrt`` records ``build_engine`` calls; the timers are
+    deterministic (unfused 4 ms, baseline 1 ms, fused 1 or 1.1 ms), so the whole analysis
+    down to the verdict is pinned.
+    """
+    import sys
+    import types
+
+    profile = {"min_batch": 1, "opt_batch": 8, "max_batch": 16, "precision": "fp16"}
+    run_dir = make_run(runs, "resnet20", seed=9, tensorrt=profile, dirname=f"fake-trt-{status}")
+    (run_dir / "deploy" / "model.engine").write_bytes(b"engine")
+    built = []
+
+    def build_engine(onnx_path, engine_path, **kwargs):
+        assert Path(onnx_path).is_file()
+        built.append((Path(onnx_path).name, kwargs))
+        Path(engine_path).write_bytes(b"engine")
+
+    fake = types.SimpleNamespace(require_tensorrt=lambda: None, build_engine=build_engine)
+    monkeypatch.setitem(sys.modules, "rsd_deploy.tensorrt", fake)
+    monkeypatch.setattr(compare.backends, "require_cuda", lambda: None)
+    loaded = []
+    monkeypatch.setattr(compare.backends, "trt_load", lambda path: loaded.append(Path(path).name) or Path(path).name)
+    latency = {"model.engine": fused_ms * 1e-3, "unfused.engine": 4e-3, "baseline.engine": 1e-3}
+    monkeypatch.setattr(compare.backends, "trt_timer", lambda runner, batch, shape: lambda: latency[runner])
+
+    report = bench_run(run_dir, "trt", batch_sizes="1,16", budget=Budget(warmup_s=0, min_s=None, iters=6),
+                       out=tmp_path / "trt")
+    assert [name for name, _ in built] == ["unfused.onnx", "baseline.onnx"]
+    for _, kwargs in built:
+        assert kwargs == {"input_shape": (3, 32, 32), "min_batch": 1, "opt_batch": 8, "max_batch": 16,
+                          "fp16": True}
+    assert loaded == ["unfused.engine", "model.engine", "baseline.engine"]
+    assert report["precision"] == "fp16" and report["tensorrt_profile"] == profile
+    for entry in report["results"]:
+        assert entry["ratios"]["unfused/fused"]["value"] == pytest.approx(4.0 / fused_ms)
+        assert entry["ratios"]["fused/baseline"] == pytest.approx(
+            {"value": fused_ms, "lo": fused_ms, "hi": fused_ms, "level": 0.95})
+        assert entry["verdict"]["status"] == status
+        assert entry["models"]["unfused"]["throughput_ips"] == pytest.approx(entry["batch"] / 4e-3)
+    assert report["verdict"]["status"] == status
+    expected = "no inference overhead" if status == "no_overhead" else "overhead +10.0%"
+    assert expected in (tmp_path / "trt" / "bench.md").read_text()

@@ -1,10 +1,10 @@
 """Timers: run one model once on a fixed input through a backend, return the seconds taken.
 
 * PyTorch eager, CPU (wall clock) or CUDA (CUDA events on the current stream).
-* ONNX Runtime, CPU (wall clock around ``run``) or CUDA with I/O binding: input
-  and output stay on the GPU and ``run_with_iobinding`` returns once the GPU is
-  done, so the wall clock covers exactly one inference (ONNX Runtime runs on its
-  own stream, which torch's CUDA events cannot see).
+* ONNX Runtime, CPU or CUDA, through I/O binding: input and output stay on the
+  device and ``run_with_iobinding`` returns once the device is done, so the wall
+  clock covers exactly one inference (ONNX Runtime runs on its own CUDA stream,
+  which torch's CUDA events cannot see).
 * TensorRT engines through :class:`rsd_deploy.tensorrt.TrtRunner` (imported
   lazily), inputs and outputs resident on the GPU, timed with CUDA events.
 
@@ -99,32 +99,27 @@ def ort_load(onnx_path: str | os.PathLike, device: str, threads: int):
 
 
 def ort_timer(session, batch: int, input_shape: tuple[int, int, int], device: str) -> Timer:
-    """ONNX Runtime inference with ``session`` (from :func:`ort_load`) on ``device``."""
+    """ONNX Runtime inference with ``session`` (from :func:`ort_load`) through I/O binding.
+
+    Input and output are bound on ``device`` (on CUDA they never leave the GPU), so a
+    call is one inference with no host copies; ``run_with_iobinding`` returns when
+    the device is done. The same binding path serves CPU and CUDA.
+    """
     import onnxruntime as ort
 
     from ..onnx import INPUT_NAME, OUTPUT_NAME
 
     x = example_input(batch, input_shape).numpy()
-    if device == "cuda":
-        binding = session.io_binding()
-        binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
-        binding.bind_output(OUTPUT_NAME, "cuda")
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(x, device, 0))
+    binding.bind_output(OUTPUT_NAME, device)
 
-        def run() -> float:
-            t = time.perf_counter()
-            session.run_with_iobinding(binding)
-            return time.perf_counter() - t
-
-        return run
-
-    feed = {INPUT_NAME: x}
-
-    def run_cpu() -> float:
+    def run() -> float:
         t = time.perf_counter()
-        session.run([OUTPUT_NAME], feed)
+        session.run_with_iobinding(binding)
         return time.perf_counter() - t
 
-    return run_cpu
+    return run
 
 
 def trt_load(engine_path: str | os.PathLike):
