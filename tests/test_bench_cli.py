@@ -193,6 +193,7 @@ def test_unknown_backend_and_backend_choice():
         (["--ort", "--batch-sizes", "0"], "positive"),
         (["--ort", "--min-s", "1", "--iters", "3"], "either --min-s or --iters"),
         (["--ort", "--iters", "0"], "--iters must be at least 1"),
+        (["--torch", "--threads", "0"], "--threads must be positive"),
     ],
 )
 def test_bad_options(rsd_run, args, fragment):

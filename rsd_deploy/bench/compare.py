@@ -253,15 +253,16 @@ def bench_run(
 
     ``backend``: "torch", "ort" or "trt"; ``device``: "cpu" or "cuda" (default: cuda
     for TensorRT, else cpu). ``threads``: CPU intra-op threads (default: every core
-    this process may use). The report goes to ``out`` (default ``RUN_DIR/bench``).
+    this process may use). The report goes to ``out`` (default ``RUN_DIR/bench``);
+    the returned dict is ``bench.json``'s content plus ``"files"``, the paths written.
     """
     run_dir = Path(run_dir)
     device = _check_backend(backend, device)
     sizes = parse_batch_sizes(batch_sizes)
     budget = budget or Budget()
-    threads = threads or available_cores()
-    if threads < 1:
+    if threads is not None and threads < 1:
         raise RSDError(f"--threads must be positive (got {threads})")
+    threads = threads or available_cores()
     meta = _read_training_run(run_dir)
     deploy_dir = run_dir / DEPLOY_DIR
     input_shape = (int(meta["in_channels"]), *map(int, meta["input_size"]))
