@@ -95,6 +95,13 @@ def _meta(name: str, size: int) -> dict:
     }
 
 
+def exporter() -> str:
+    """How the suite exports: the real command when installed, else the foundation primitives."""
+    from rsd_deploy.cli import main as cli
+
+    return "rsd-deploy fuse-export" if "fuse-export" in cli.commands else "fuse_model + export_onnx"
+
+
 def prepare_run(name: str, root: Path, trt_max_batch: int | None) -> Path:
     """An untrained RSD run of ``name`` with its exported deploy folder (and engine)."""
     from rsd_deploy.cli import main as cli
@@ -104,7 +111,7 @@ def prepare_run(name: str, root: Path, trt_max_batch: int | None) -> Path:
     torch.manual_seed(0)
     model = models.create(name, num_classes=10, form="rsd").eval()
     save_run(run_dir, model, _meta(name, size))
-    if "fuse-export" in cli.commands:
+    if exporter() == "rsd-deploy fuse-export":
         args = ["fuse-export", str(run_dir), "--onnx"]
         if trt_max_batch:
             args += ["--trt", "--max-batch", str(trt_max_batch)]
@@ -163,7 +170,7 @@ def _ms(x: float) -> str:
     return f"{x:.3g}" if x < 100 else f"{x:.0f}"
 
 
-def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minutes: float) -> str:
+def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minutes: float, export: str) -> str:
     gpu = f"{info['gpu']['name']} (driver {info['gpu']['driver']}), " if info.get("gpu") else ""
     v = info["versions"]
     lines = [
@@ -171,7 +178,8 @@ def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minut
         "",
         f"{gpu}{info['cpu']}, {info['available_cores']} cores, {info['threads']} threads; "
         f"torch {v.get('torch')}, onnxruntime {v.get('onnxruntime-gpu') or v.get('onnxruntime')}"
-        f"{', tensorrt ' + v['tensorrt'] if 'tensorrt' in v else ''}; fp32; suite took {minutes:.1f} min.",
+        f"{', tensorrt ' + v['tensorrt'] if 'tensorrt' in v else ''}; fp32; exported with {export}; "
+        f"suite took {minutes:.1f} min.",
         "",
         "| model | input | backend | batch | rounds | unfused ms | fused ms | baseline ms "
         "| unfused/fused (95% CI) | fused/baseline (95% CI) | verdict |",
@@ -265,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary_rows(reports)
     goal = goals(rows)
     title = f"{machine}" + (" — TRIAL on a shared, noisy machine: NOT final figures" if args.trial else "")
-    md = summary_markdown(rows, info, goal, title, minutes)
+    md = summary_markdown(rows, info, goal, title, minutes, exporter())
     write_json(out_root / "summary.json", {
         "machine": info, "trial": args.trial, "threads": threads, "scale": args.scale,
         "budgets": {k: b.to_json() for k, b in CPU_BUDGETS.items()} | {"gpu": GPU_BUDGET.to_json()},
-        "minutes": minutes, "rows": rows, "goals": goal,
+        "minutes": minutes, "export": exporter(), "rows": rows, "goals": goal,
     })
     with atomic_path(out_root / "summary.md") as tmp:
         tmp.write_text(md)

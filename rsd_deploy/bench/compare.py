@@ -306,7 +306,7 @@ def bench_run(
 
             _export_others(subjects, tmp, input_shape, opset or DEFAULT_OPSET, fixed_batch)
             subjects["fused"].artifact = deploy_dir / ONNX_FILE
-            subjects["fused"].description = f"{deploy_dir / ONNX_FILE}, written by fuse-export"
+            subjects["fused"].description = f"{deploy_dir / ONNX_FILE}, the exported fused model"
         if backend == "trt":
             say("building TensorRT engines for the unfused model and the baseline")
             for role in ("unfused", "baseline"):
@@ -319,7 +319,7 @@ def bench_run(
                 subjects[role].artifact = engine
                 subjects[role].description += f"; engine built here ({precision}, same profile)"
             subjects["fused"].artifact = deploy_dir / ENGINE_FILE
-            subjects["fused"].description = f"{deploy_dir / ENGINE_FILE}, built by fuse-export"
+            subjects["fused"].description = f"{deploy_dir / ENGINE_FILE}, the exported fused engine"
         for r in ROLES:
             model_info[r]["description"] = subjects[r].description
 
