@@ -67,9 +67,7 @@ def bench_cmd(run_dir, use_ort, use_torch, use_trt, device, baseline, batch_size
     chosen = [name for name, on in (("ort", use_ort), ("torch", use_torch), ("trt", use_trt)) if on]
     if len(chosen) != 1:
         raise RSDError("choose exactly one backend: --ort, --torch or --trt")
-    if min_s is not None and iters is not None:
-        raise RSDError("give either --min-s or --iters, not both")
-    budget = Budget(warmup_s=warmup_s, min_s=None if iters is not None else (min_s or 3.0), iters=iters)
+    budget = Budget(warmup_s=warmup_s, min_s=min_s, iters=iters)
 
     def progress(msg: str) -> None:
         if not quiet:

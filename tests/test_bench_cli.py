@@ -121,7 +121,7 @@ def test_torch_end_to_end_writes_into_the_run_by_default(runs):
 def test_baseline_run_is_used_and_must_match(rsd_run, runs, tmp_path):
     plain = make_run(runs, "resnet20", form="plain", export=False, dirname="plain20")
     report = bench_run(rsd_run, "torch", baseline=plain, batch_sizes="1",
-                       budget=Budget(warmup_s=0, min_s=None, iters=2), threads=1, out=tmp_path / "b")
+                       budget=Budget(warmup_s=0, iters=2), threads=1, out=tmp_path / "b")
     assert report["models"]["baseline"]["description"].startswith(f"baseline run {plain}")
     other = make_run(runs, "resnet32", form="plain", export=False, dirname="plain32")
     assert_one_line_error(invoke(rsd_run, "--torch", "--baseline", other, *FAST), "model 'resnet32'")
@@ -157,7 +157,7 @@ def test_batch_above_the_engine_profile_is_refused_before_tensorrt_is_imported(r
                           "batch size 64 is outside the engine's profile (1 to 8)", "--max-batch 64")
     # Within the profile the check passes and the TensorRT import is next.
     with pytest.raises(AssertionError, match="TensorRT was imported"):
-        bench_run(run_dir, "trt", batch_sizes="1,8", budget=Budget(iters=1, min_s=None))
+        bench_run(run_dir, "trt", batch_sizes="1,8", budget=Budget(iters=1))
 
 
 def test_trt_profile_must_be_recorded(runs):
@@ -221,7 +221,7 @@ def test_fixed_batch_onnx_only_runs_its_batch(runs):
 
 def _gpu_report(run_dir: Path, backend: str, out: Path, batches="1,4") -> dict:
     report = bench_run(run_dir, backend, device="cuda", batch_sizes=batches,
-                       budget=Budget(warmup_s=0.2, min_s=None, iters=5), out=out)
+                       budget=Budget(warmup_s=0.2, iters=5), out=out)
     assert report["device"] == "cuda" and report["machine"]["gpu"]["name"]
     assert report["models"]["fused"]["macs_per_image"] == report["models"]["baseline"]["macs_per_image"]
     for entry in report["results"]:
@@ -293,7 +293,7 @@ def test_trt_orchestration_builds_the_others_with_the_fused_engines_settings(
     latency = {"model.engine": fused_ms * 1e-3, "unfused.engine": 4e-3, "baseline.engine": 1e-3}
     monkeypatch.setattr(compare.backends, "trt_timer", lambda runner, batch, shape: lambda: latency[runner])
 
-    report = bench_run(run_dir, "trt", batch_sizes="1,16", budget=Budget(warmup_s=0, min_s=None, iters=6),
+    report = bench_run(run_dir, "trt", batch_sizes="1,16", budget=Budget(warmup_s=0, iters=6),
                        out=tmp_path / "trt")
     assert [name for name, _ in built] == ["unfused.onnx", "baseline.onnx"]
     for _, kwargs in built:

@@ -167,7 +167,7 @@ def _fake_timers(latency, log):
 def test_rounds_interleave_and_rotate_the_order():
     log: list[str] = []
     timers = _fake_timers({"A": 0.01, "B": 0.01, "C": 0.01}, log)
-    rounds = measure(timers, Budget(warmup_s=0, min_s=None, iters=3))
+    rounds = measure(timers, Budget(warmup_s=0, iters=3))
     assert log[:3] == ["A", "B", "C"]  # one warm-up call each
     assert log[3:] == ["A", "B", "C", "B", "C", "A", "C", "A", "B"]
     assert all(len(rounds[n]) == 3 and all(len(r) == 1 for r in rounds[n]) for n in "ABC")
@@ -185,6 +185,11 @@ def test_min_s_budget_fills_turns_and_stops_when_every_model_had_its_time():
     assert sum(map(sum, rounds["slow"])) >= 2.0 and sum(map(sum, rounds["fast"])) >= 2.0 - 1e-9
 
 
+def test_budget_defaults_to_a_time_budget():
+    assert Budget().min_s == 3.0 and Budget().iters is None
+    assert Budget(iters=4).min_s is None
+
+
 def test_calls_per_turn():
     assert calls_per_turn(0.001, 0.1) == 100
     assert calls_per_turn(5.0, 0.1) == 1
@@ -193,7 +198,7 @@ def test_calls_per_turn():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(min_s=1.0, iters=5), dict(min_s=None, iters=None), dict(min_s=-1.0), dict(min_s=None, iters=0),
+    [dict(min_s=1.0, iters=5), dict(min_s=-1.0), dict(min_s=0.0), dict(iters=0),
      dict(warmup_s=-1.0)],
 )
 def test_budget_rejects_bad_settings(kwargs):

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import RSDError
 
 Timer = Callable[[], float]
+DEFAULT_MIN_S = 3.0
 Progress = Callable[[str], None]
 
 
@@ -28,12 +29,13 @@ class Budget:
     """How long to measure.
 
     ``min_s``: keep adding rounds until every model has been timed for at least
-    this many seconds and ``min_rounds`` rounds have run. ``iters``: instead, run
-    exactly that many rounds of one call per model.
+    this many seconds and ``min_rounds`` rounds have run (default when neither is
+    given: :data:`DEFAULT_MIN_S`). ``iters``: instead, run exactly that many rounds
+    of one call per model. Warm-up: at least ``warmup_s`` seconds and one call.
     """
 
     warmup_s: float = 1.0
-    min_s: float | None = 3.0
+    min_s: float | None = None
     iters: int | None = None
     round_s: float = 0.1
     min_rounds: int = 5
@@ -41,8 +43,10 @@ class Budget:
     def __post_init__(self) -> None:
         if self.warmup_s < 0:
             raise RSDError(f"--warmup-s must be >= 0 (got {self.warmup_s})")
-        if (self.min_s is None) == (self.iters is None):
+        if self.min_s is not None and self.iters is not None:
             raise RSDError("give either --min-s or --iters, not both")
+        if self.min_s is None and self.iters is None:
+            object.__setattr__(self, "min_s", DEFAULT_MIN_S)
         if self.min_s is not None and self.min_s <= 0:
             raise RSDError(f"--min-s must be positive (got {self.min_s})")
         if self.iters is not None and self.iters < 1:
