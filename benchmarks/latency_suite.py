@@ -170,7 +170,8 @@ def _ms(x: float) -> str:
     return f"{x:.3g}" if x < 100 else f"{x:.0f}"
 
 
-def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minutes: float, export: str) -> str:
+def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minutes: float, export: str,
+                     scale: float) -> str:
     gpu = f"{info['gpu']['name']} (driver {info['gpu']['driver']}), " if info.get("gpu") else ""
     v = info["versions"]
     lines = [
@@ -179,7 +180,7 @@ def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minut
         f"{gpu}{info['cpu']}, {info['available_cores']} cores, {info['threads']} threads; "
         f"torch {v.get('torch')}, onnxruntime {v.get('onnxruntime-gpu') or v.get('onnxruntime')}"
         f"{', tensorrt ' + v['tensorrt'] if 'tensorrt' in v else ''}; fp32; exported with {export}; "
-        f"suite took {minutes:.1f} min.",
+        f"time budgets x{scale:g}; suite took {minutes:.1f} min.",
         "",
         "| model | input | backend | batch | rounds | unfused ms | fused ms | baseline ms "
         "| unfused/fused (95% CI) | fused/baseline (95% CI) | verdict |",
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary_rows(reports)
     goal = goals(rows)
     title = f"{machine}" + (" — TRIAL on a shared, noisy machine: NOT final figures" if args.trial else "")
-    md = summary_markdown(rows, info, goal, title, minutes, exporter())
+    md = summary_markdown(rows, info, goal, title, minutes, exporter(), args.scale)
     write_json(out_root / "summary.json", {
         "machine": info, "trial": args.trial, "threads": threads, "scale": args.scale,
         "budgets": {k: b.to_json() for k, b in CPU_BUDGETS.items()} | {"gpu": GPU_BUDGET.to_json()},
