@@ -1,0 +1,291 @@
+#!/usr/bin/env python
+"""The standard latency comparison: does a fused RSD model run exactly as fast as a plain one?
+
+For resnet32 and vgg16 (32x32 inputs) and resnet18 (224x224), at batch 1 and 64, it
+runs ``rsd-deploy bench`` (the library function behind it) on ONNX Runtime CPU and
+PyTorch CPU, plus PyTorch CUDA, ONNX Runtime CUDA and TensorRT where present. The
+models are untrained RSD runs (latency does not depend on weight values), exported
+with ``rsd-deploy fuse-export`` when that command is installed, else with the
+foundation's fusion pass and ONNX exporter into the same run-directory layout.
+
+Results: ``benchmarks/results/<machine>/<model>_<backend>_<device>/`` (bench.json,
+bench.md, bench.png, timings.json), ``summary.json`` and ``summary.md`` beside them,
+and the summary table in ``benchmarks/README.md``. Goals checked and recorded:
+unfused/fused >= 3x for resnet32 on ONNX Runtime CPU, and "no inference overhead"
+(fused/baseline interval within [0.97, 1.03] or below) everywhere.
+
+    python benchmarks/latency_suite.py              # the full suite (~15 min on 2 CPU cores)
+    python benchmarks/latency_suite.py --trial --scale 0.3 --models resnet32
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rsd_deploy import fuse_model, models
+from rsd_deploy.bench import Budget, bench_run
+from rsd_deploy.bench.report import available_cores, machine_info, machine_slug
+from rsd_deploy.io import atomic_path, write_json
+from rsd_deploy.onnx import export_onnx
+from rsd_deploy.run import save_run
+
+HERE = Path(__file__).resolve().parent
+MODELS = ("resnet32", "vgg16", "resnet18")
+BATCH_SIZES = (1, 64)
+GOAL_SPEEDUP = 3.0  # unfused/fused for resnet32 on ONNX Runtime CPU
+
+# Per-model CPU budgets, sized so that the whole CPU suite takes about 15 minutes on a
+# quiet 2-core machine. A batch-64 call of unfused resnet18 at 224x224 costs ~400 GMACs,
+# tens of seconds on 2 cores: those configurations get the minimum of 3 rounds (one
+# call per model per round), and their instability warnings say so.
+CPU_BUDGETS = {
+    "resnet32": Budget(warmup_s=1.0, min_s=4.0, round_s=0.2, min_rounds=5),
+    "vgg16": Budget(warmup_s=1.0, min_s=4.0, round_s=0.3, min_rounds=5),
+    "resnet18": Budget(warmup_s=0.5, min_s=5.0, round_s=0.5, min_rounds=3),
+}
+GPU_BUDGET = Budget(warmup_s=1.0, min_s=3.0, round_s=0.1, min_rounds=10)
+
+
+@dataclass(frozen=True)
+class Config:
+    backend: str  # torch | ort | trt
+    device: str  # cpu | cuda
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}_{self.device}"
+
+
+def available_configs() -> list[Config]:
+    """ONNX Runtime and PyTorch on CPU always; CUDA and TensorRT where this machine has them."""
+    configs = [Config("ort", "cpu"), Config("torch", "cpu")]
+    if torch.cuda.is_available():
+        import onnxruntime as ort
+
+        configs.append(Config("torch", "cuda"))
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            configs.append(Config("ort", "cuda"))
+        try:
+            from rsd_deploy.tensorrt import require_tensorrt
+
+            require_tensorrt()
+            configs.append(Config("trt", "cuda"))
+        except Exception as e:  # ImportError or RSDError: no TensorRT here
+            print(f"TensorRT skipped: {e}", file=sys.stderr)
+    return configs
+
+
+# Runs ---------------------------------------------------------------------------------------
+
+def _meta(name: str, size: int) -> dict:
+    return {
+        "model": name, "form": "rsd", "method": "rsd", "num_classes": 10, "in_channels": 3,
+        "input_size": [size, size], "classes": [str(i) for i in range(10)],
+        "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "data": None,
+        "config": {"note": "untrained: made by benchmarks/latency_suite.py for timing only"},
+        "versions": {}, "metrics": {},
+    }
+
+
+def exporter() -> str:
+    """How the suite exports: the real command when installed, else the foundation primitives."""
+    from rsd_deploy.cli import main as cli
+
+    return "rsd-deploy fuse-export" if "fuse-export" in cli.commands else "fuse_model + export_onnx"
+
+
+def prepare_run(name: str, root: Path, trt_max_batch: int | None) -> Path:
+    """An untrained RSD run of ``name`` with its exported deploy folder (and engine)."""
+    from rsd_deploy.cli import main as cli
+
+    size = models.get_spec(name).input_size
+    run_dir = root / name
+    torch.manual_seed(0)
+    model = models.create(name, num_classes=10, form="rsd").eval()
+    save_run(run_dir, model, _meta(name, size))
+    if exporter() == "rsd-deploy fuse-export":
+        args = ["fuse-export", str(run_dir), "--onnx"]
+        if trt_max_batch:
+            args += ["--trt", "--max-batch", str(trt_max_batch)]
+        cli.main(args, standalone_mode=False)
+        return run_dir
+    # Until fuse-export is installed: the same layout from the foundation primitives.
+    deploy = run_dir / "deploy"
+    fused = fuse_model(model)
+    meta = {**_meta(name, size), "form": "deploy", "source": {"weights": "model.safetensors"}}
+    export_onnx(fused, deploy / "model.onnx", input_shape=(3, size, size))
+    if trt_max_batch:
+        from rsd_deploy.tensorrt import build_engine
+
+        build_engine(deploy / "model.onnx", deploy / "model.engine", input_shape=(3, size, size),
+                     min_batch=1, opt_batch=trt_max_batch, max_batch=trt_max_batch)
+        meta["tensorrt"] = {"min_batch": 1, "opt_batch": trt_max_batch, "max_batch": trt_max_batch,
+                            "precision": "fp32"}
+    save_run(deploy, fused, meta)
+    return run_dir
+
+
+# Summary ------------------------------------------------------------------------------------
+
+def summary_rows(reports: list[dict]) -> list[dict]:
+    rows = []
+    for r in reports:
+        for e in r["results"]:
+            m, uf, fb = e["models"], e["ratios"]["unfused/fused"], e["ratios"]["fused/baseline"]
+            rows.append({
+                "model": r["model"], "input": f"{r['input_size'][0]}x{r['input_size'][1]}",
+                "backend": r["backend"], "device": r["device"], "batch": e["batch"], "rounds": e["rounds"],
+                "unfused_ms": m["unfused"]["median_ms"], "fused_ms": m["fused"]["median_ms"],
+                "baseline_ms": m["baseline"]["median_ms"],
+                "unfused_fused": uf, "fused_baseline": fb, "verdict": e["verdict"]["status"],
+                "warnings": len(e["warnings"]),
+            })
+    return rows
+
+
+def goals(rows: list[dict]) -> dict:
+    speed = [r for r in rows if (r["model"], r["backend"], r["device"]) == ("resnet32", "ort", "cpu")]
+    return {
+        "resnet32_ort_cpu_unfused_over_fused_at_least_3x": {
+            "met": bool(speed) and all(r["unfused_fused"]["lo"] >= GOAL_SPEEDUP for r in speed),
+            "measured": {r["batch"]: round(r["unfused_fused"]["value"], 2) for r in speed},
+        },
+        "fused_over_baseline_within_0.97_1.03": {
+            "met": bool(rows) and all(r["verdict"] == "no_overhead" for r in rows),
+            "not_met": [f"{r['model']} {r['backend']}-{r['device']} b{r['batch']}: {r['verdict']}"
+                        for r in rows if r["verdict"] != "no_overhead"],
+        },
+    }
+
+
+def _ms(x: float) -> str:
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
+def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minutes: float, export: str,
+                     scale: float) -> str:
+    gpu = f"{info['gpu']['name']} (driver {info['gpu']['driver']}), " if info.get("gpu") else ""
+    v = info["versions"]
+    lines = [
+        f"### {title}",
+        "",
+        f"{gpu}{info['cpu']}, {info['available_cores']} cores, {info['threads']} threads; "
+        f"torch {v.get('torch')}, onnxruntime {v.get('onnxruntime-gpu') or v.get('onnxruntime')}"
+        f"{', tensorrt ' + v['tensorrt'] if 'tensorrt' in v else ''}; fp32; exported with {export}; "
+        f"time budgets x{scale:g}; suite took {minutes:.1f} min.",
+        "",
+        "| model | input | backend | batch | rounds | unfused ms | fused ms | baseline ms "
+        "| unfused/fused (95% CI) | fused/baseline (95% CI) | verdict |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for r in rows:
+        uf, fb = r["unfused_fused"], r["fused_baseline"]
+        flag = f" ({r['warnings']} warnings)" if r["warnings"] else ""
+        lines.append(
+            f"| {r['model']} | {r['input']} | {r['backend']}-{r['device']} | {r['batch']} | {r['rounds']} | "
+            f"{_ms(r['unfused_ms'])} | {_ms(r['fused_ms'])} | {_ms(r['baseline_ms'])} | "
+            f"{uf['value']:.2f}x ({uf['lo']:.2f}-{uf['hi']:.2f}) | "
+            f"{fb['value']:.3f} ({fb['lo']:.3f}-{fb['hi']:.3f}) | {r['verdict']}{flag} |"
+        )
+    g1 = goal["resnet32_ort_cpu_unfused_over_fused_at_least_3x"]
+    g2 = goal["fused_over_baseline_within_0.97_1.03"]
+    lines += [
+        "",
+        f"- Goal unfused/fused >= 3x for resnet32 on ONNX Runtime CPU (lower CI bound): "
+        f"{'met' if g1['met'] else 'NOT met'} ({g1['measured']}).",
+        f"- Goal fused/baseline within [0.97, 1.03] or below: {'met' if g2['met'] else 'NOT met'}"
+        + (f" ({'; '.join(g2['not_met'])})" if g2["not_met"] else "") + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, key: str, section: str) -> None:
+    """Replace (or append) this machine's section of the summary in ``benchmarks/README.md``."""
+    begin, end = f"<!-- results:{key} -->", f"<!-- /results:{key} -->"
+    block = f"{begin}\n{section.rstrip()}\n{end}"
+    text = readme.read_text() if readme.is_file() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    with atomic_path(readme) as tmp:
+        tmp.write_text(text)
+
+
+# Main ---------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo names")
+    p.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
+    p.add_argument("--configs", default=None,
+                   help="comma-separated backend_device, e.g. ort_cpu,torch_cpu [default: all available]")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads [default: all available cores]")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every time budget (e.g. 0.3 for a trial)")
+    p.add_argument("--machine", default=None, help="results folder name [default: from the CPU / GPU]")
+    p.add_argument("--trial", action="store_true",
+                   help="a check that the suite works: results go to <machine>-trial and are labelled so")
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--readme", type=Path, default=HERE / "README.md")
+    args = p.parse_args(argv)
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    threads = args.threads or available_cores()
+    configs = available_configs()
+    if args.configs:
+        wanted = set(args.configs.split(","))
+        configs = [c for c in configs if c.name in wanted]
+    info = machine_info(threads)
+    machine = (args.machine or machine_slug(info)) + ("-trial" if args.trial else "")
+    out_root = args.results / machine
+    print(f"machine {machine}: {', '.join(c.name for c in configs)}; {threads} threads", flush=True)
+
+    start = time.perf_counter()
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="rsd-suite-") as work:
+        for name in names:
+            trt = max(sizes) if any(c.backend == "trt" for c in configs) else None
+            t = time.perf_counter()
+            run_dir = prepare_run(name, Path(work), trt)
+            print(f"{name}: run prepared in {time.perf_counter() - t:.0f} s", flush=True)
+            for cfg in configs:
+                base = GPU_BUDGET if cfg.device == "cuda" else CPU_BUDGETS.get(name, CPU_BUDGETS["resnet32"])
+                budget = Budget(warmup_s=base.warmup_s * args.scale, min_s=base.min_s * args.scale,
+                                round_s=base.round_s, min_rounds=base.min_rounds)
+                t = time.perf_counter()
+                report = bench_run(run_dir, cfg.backend, device=cfg.device, batch_sizes=sizes, budget=budget,
+                                   threads=threads, out=out_root / f"{name}_{cfg.name}")
+                reports.append(report)
+                for e in report["results"]:
+                    print(f"  {name} {cfg.name} b{e['batch']}: unfused/fused "
+                          f"{e['ratios']['unfused/fused']['value']:.2f}x; {e['verdict']['text']}"
+                          f"{' [' + str(len(e['warnings'])) + ' warnings]' if e['warnings'] else ''}", flush=True)
+                print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
+    minutes = (time.perf_counter() - start) / 60
+
+    rows = summary_rows(reports)
+    goal = goals(rows)
+    title = f"{machine}" + (" — TRIAL on a shared, noisy machine: NOT final figures" if args.trial else "")
+    md = summary_markdown(rows, info, goal, title, minutes, exporter(), args.scale)
+    write_json(out_root / "summary.json", {
+        "machine": info, "trial": args.trial, "threads": threads, "scale": args.scale,
+        "budgets": {k: b.to_json() for k, b in CPU_BUDGETS.items()} | {"gpu": GPU_BUDGET.to_json()},
+        "minutes": minutes, "export": exporter(), "rows": rows, "goals": goal,
+    })
+    with atomic_path(out_root / "summary.md") as tmp:
+        tmp.write_text(md)
+    update_readme(args.readme, machine, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
