@@ -168,15 +168,7 @@ def _export_others(subjects: dict[str, Subject], tmp: Path, input_shape, opset: 
 
 
 def _require_trt_module():
-    try:
-        trt_mod = importlib.import_module("rsd_deploy.tensorrt")
-    except ImportError as e:
-        if e.name and e.name.startswith("rsd_deploy"):
-            raise RSDError(
-                "TensorRT support (rsd_deploy.tensorrt) is missing from this installation; on a "
-                "machine with an NVIDIA GPU: pip install 'rsd-deploy[trt]'"
-            ) from None
-        raise
+    trt_mod = importlib.import_module("rsd_deploy.tensorrt")  # looked up at call time (tests swap it)
     trt_mod.require_tensorrt()
     return trt_mod
 
