@@ -40,7 +40,7 @@ CURVES_FILE = "curves.png"
 #: Options that may differ when a run is resumed; everything else must match.
 RESUMABLE_CHANGES = ("epochs", "max_steps", "device", "workers", "eval_batch_size")
 
-EpochCallback = Callable[[int, dict[str, Any]], None]
+EpochCallback = Callable[[int, dict[str, Any], nn.Module], None]
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -142,8 +142,9 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
     """Train ``config`` into the run directory ``out`` (or ``runs/<name>-<time>``); returns it.
 
     With ``resume``, continue the run in ``out`` from its last completed epoch.
-    ``on_epoch_end(epoch, metrics)`` is called (on rank 0) after each epoch's files are
-    written. Under ``torchrun`` this trains with DistributedDataParallel.
+    ``on_epoch_end(epoch, metrics, model)`` is called on every process after each epoch,
+    once rank 0 has written the epoch's files and every rank holds the same model.
+    Under ``torchrun`` this trains with DistributedDataParallel.
     """
     config.validate()
     if resume and out is None:
@@ -205,6 +206,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
         f"{len(train_ds)} images, {steps_per_epoch} steps/epoch, effective batch {effective} "
         f"({ctx.world_size} process{'es' if ctx.world_size > 1 else ''}), {ctx.device}")
 
+    trained = 0
     for epoch in range(start_epoch, config.epochs):
         if config.max_steps is not None and global_step >= config.max_steps:
             break
@@ -220,6 +222,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
         except _NonFinite as e:
             last = f"the run directory still holds epoch {epoch}" if epoch else "nothing was saved"
             raise RSDError(f"{e}; training stopped ({last}, intact in {run_dir})") from None
+        trained += 1
         distributed.broadcast_buffers(ctx, model)
         if ctx.is_main:
             val = evaluate(model, val_loader, ctx.device, amp=config.amp)
@@ -232,15 +235,16 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
                                 optimizer=optimizer, scaler=scaler, config=config.to_json(),
                                 history=history)
             say(_summary(record, config.epochs))
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, record)
         distributed.barrier(ctx)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record, model)
         if not complete:
             break
 
     if ctx.is_main:
-        if not history:
-            raise RSDError(f"nothing to do: {run_dir} has already trained {start_epoch} epochs")
+        if not trained:
+            raise RSDError(f"nothing to do: {run_dir} has already trained {start_epoch} epochs "
+                           f"(or reached --max-steps); raise --epochs to continue it")
         say(f"run: {run_dir}")
         say(f"next: rsd-deploy fuse-export {run_dir} --onnx")
     return run_dir
