@@ -53,7 +53,7 @@ def _csv(kind):
 
 
 @main.command("train")
-@click.option("--config", "recipe", type=click.Path(dir_okay=False),
+@click.option("--config", "recipe", default=None,
               help="Recipe file (JSON or TOML, keys as the options below with - or _); "
                    "options given on the command line override it.")
 @click.option("--model", default="resnet20", show_default=True,
@@ -95,7 +95,7 @@ def _csv(kind):
 @click.option("--workers", type=int, default=2, show_default=True, help="Data loading processes.")
 @click.option("--eval-batch-size", type=int, default=256, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
+@click.option("--out", default=None,
               help="Run directory [default: runs/MODEL-METHOD-DATA-TIME].")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
@@ -127,7 +127,7 @@ def train_cmd(ctx: click.Context, recipe: str | None, out: str | None, resume: b
 
 
 @main.command("eval")
-@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("run_dir")
 @click.option("--data-dir", default=None, help="Where the run's data set is now, if it moved.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

@@ -68,6 +68,12 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     return state["config"]
 
 
+def read_progress(run_dir: str | os.PathLike) -> tuple[int, int]:
+    """``(epochs, optimizer steps)`` completed by the run in ``run_dir``."""
+    state = _read_state(Path(run_dir))
+    return int(state["epoch"]), int(state["step"])
+
+
 def _read_state(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / STATE_FILE).exists():
         raise RSDError(f"{run_dir} holds no resume state ({STATE_FILE}); cannot --resume it")

@@ -149,6 +149,11 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
     config.validate()
     if resume and out is None:
         raise RSDError("--resume needs --out RUN_DIR, the run to continue")
+    if resume:
+        done, steps = checkpoint.read_progress(out)
+        if done >= config.epochs or (config.max_steps is not None and steps >= config.max_steps):
+            raise RSDError(f"nothing to do: {out} has already trained {done} epochs ({steps} steps); "
+                           "raise --epochs (or --max-steps) to continue it")
     if config.amp and distributed.resolve_device(config.device).type != "cuda":
         raise RSDError("--amp needs a CUDA device")
     ctx = distributed.setup(config.device)
@@ -243,8 +248,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
 
     if ctx.is_main:
         if not trained:
-            raise RSDError(f"nothing to do: {run_dir} has already trained {start_epoch} epochs "
-                           f"(or reached --max-steps); raise --epochs to continue it")
+            raise RSDError(f"nothing to do: {run_dir} has already trained {start_epoch} epochs")
         say(f"run: {run_dir}")
         say(f"next: rsd-deploy fuse-export {run_dir} --onnx")
     return run_dir
