@@ -14,7 +14,6 @@ and the ratio of the medians is reported. Goal (issue 3): at most 6x.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys

@@ -49,7 +49,9 @@ class RSDObjective:
     temperature: float = 3.0  #: KL temperature T (the KL terms are scaled by T^2)
     drop_rate: float = 0.2  #: branch-drop rate of the student pass
     mixture: bool = True  #: the feature mixture block (off: no mix terms, teacher on B rows)
-    terms: tuple[str, ...] = field(default_factory=lambda: LOSS_TERMS)  #: loss terms switched on
+    #: Loss terms switched on. Switching one off removes exactly that term from the loss;
+    #: both passes and the mixture still run as before (same draws, same BN statistics).
+    terms: tuple[str, ...] = field(default_factory=lambda: LOSS_TERMS)
     detach_teacher: bool = False  #: stop gradients through the KL targets (t and tt)
 
     def __post_init__(self) -> None:
@@ -89,20 +91,14 @@ class StepOutput(NamedTuple):
     student_logits: Tensor | None  #: logits of the student pass (None for the baseline)
 
 
-_BETA22: torch.distributions.Beta | None = None
-
-
 def draw_mixture(num_points: int, batch: int, device: torch.device | str = "cpu") -> MixDraw:
     """A uniformly random mix point, ``lam ~ Beta(2, 2)`` and a random permutation.
 
     Uses torch's global generator, so a run is reproducible from its seed and resumable
     from the saved generator state.
     """
-    global _BETA22
-    if _BETA22 is None:
-        _BETA22 = torch.distributions.Beta(torch.tensor(2.0), torch.tensor(2.0))
     point = int(torch.randint(num_points, ()).item())
-    lam = float(_BETA22.sample())
+    lam = float(torch.distributions.Beta(2.0, 2.0).sample())
     idx = torch.randperm(batch).to(device)
     return MixDraw(point, lam, idx)
 
