@@ -71,7 +71,7 @@ def _csv(kind):
               help="Train on an evenly spread subset of this many images (smoke runs).")
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Per process.")
-@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--lr", type=float, default=0.01, show_default=True)
 @click.option("--lr-milestones", callback=_csv(int), default="", show_default=True,
               help="Epochs at which the learning rate is multiplied by --lr-gamma, e.g. 150,180,210.")
 @click.option("--lr-gamma", type=float, default=0.1, show_default=True)
