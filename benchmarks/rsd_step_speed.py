@@ -1,0 +1,138 @@
+"""Cost of one full RSD training step against a plain conv+BN step of the same network.
+
+One *step* is everything an optimizer step needs: forward, loss, backward, SGD update.
+The RSD step is :class:`rsd_deploy.training.RSDStep` on the multi-branch form (student
+pass with branch drop, teacher pass with the feature mixture on 3B rows after the mix
+point, the six-term loss); the plain step is cross-entropy on the conv+BN form. The two
+are timed interleaved (plain, RSD, plain, RSD, ...) so machine noise hits both alike,
+and the ratio of the medians is reported. Goal (issue 3): at most 6x.
+
+    python benchmarks/rsd_step_speed.py                  # resnet32, batch 64, 2 threads
+    python benchmarks/rsd_step_speed.py --profile        # plus where the RSD step's time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rsd_deploy import models
+from rsd_deploy.complexity import count_macs
+from rsd_deploy.io import atomic_path, write_json
+from rsd_deploy.training import CEStep, RSDStep
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_step(model_name: str, method: str, num_classes: int, x: torch.Tensor, y: torch.Tensor):
+    torch.manual_seed(0)
+    form = "rsd" if method == "rsd" else "plain"
+    model = models.create(model_name, num_classes=num_classes, form=form).train()
+    step = RSDStep(model) if method == "rsd" else CEStep(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        step(x, y).loss.backward()
+        opt.step()
+
+    return model, run
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def profile_rsd(run, steps: int = 2, top: int = 8) -> list[dict]:
+    """Self CPU time of the most expensive operators over ``steps`` RSD steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            run()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [{"op": e.key, "share": round(e.self_cpu_time_total / total, 3),
+             "ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 1)} for e in events[:top]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet32")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--input-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10, help="timed steps of each kind")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="also record the RSD step's top operators")
+    p.add_argument("--name", default="rsd_step_speed", help="result file stem")
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    s = args.input_size
+    x = torch.randn(args.batch_size, 3, s, s, generator=g)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g)
+    plain_model, plain = make_step(args.model, "baseline", args.num_classes, x, y)
+    rsd_model, rsd = make_step(args.model, "rsd", args.num_classes, x, y)
+    for _ in range(args.warmup):
+        plain()
+        rsd()
+    t_plain, t_rsd = [], []
+    for i in range(args.repeats):
+        t_plain.append(timed(plain))
+        t_rsd.append(timed(rsd))
+        print(f"  {i + 1}/{args.repeats}: plain {t_plain[-1]:.3f}s  rsd {t_rsd[-1]:.3f}s", flush=True)
+    med_plain, med_rsd = statistics.median(t_plain), statistics.median(t_rsd)
+    macs_plain = count_macs(plain_model, (3, s, s))
+    macs_rsd = count_macs(rsd_model, (3, s, s))
+    result = {
+        "benchmark": "rsd_step_speed", "model": args.model, "batch_size": args.batch_size,
+        "input_size": s, "num_classes": args.num_classes, "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "plain_step_s": {"median": round(med_plain, 4), "all": [round(t, 4) for t in t_plain]},
+        "rsd_step_s": {"median": round(med_rsd, 4), "all": [round(t, 4) for t in t_rsd]},
+        "ratio": round(med_rsd / med_plain, 2), "goal": 6.0,
+        "forward_macs_per_image": {"plain": macs_plain, "rsd_block_maths": macs_rsd,
+                                   "block_ratio": round(macs_rsd / macs_plain, 2)},
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    if args.profile:
+        result["rsd_top_ops"] = profile_rsd(rsd)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / f"{args.name}.json", result)
+    md = [
+        f"# RSD step vs plain step: {args.model}, batch {args.batch_size}, {s}x{s}, "
+        f"{result['threads']} threads",
+        "",
+        "| step | median (s) |",
+        "|---|---|",
+        f"| plain conv+BN (CE) | {med_plain:.3f} |",
+        f"| RSD (student + teacher with mixture, 6-term loss) | {med_rsd:.3f} |",
+        "",
+        f"**Ratio: {result['ratio']:.2f}x** (goal <= 6x; the paper's code: 10-13x). "
+        f"{args.repeats} interleaved repeats after {args.warmup} warm-up steps each; "
+        f"recorded {result['date']} on {result['machine']}, torch {torch.__version__}.",
+    ]
+    if args.profile:
+        md += ["", "Where the RSD step's time goes (self CPU time):", "",
+               "| operator | share | ms/step |", "|---|---|---|"]
+        md += [f"| {o['op']} | {100 * o['share']:.1f}% | {o['ms_per_step']} |" for o in result["rsd_top_ops"]]
+    with atomic_path(RESULTS / f"{args.name}.md") as tmp:
+        tmp.write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

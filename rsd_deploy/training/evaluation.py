@@ -1,0 +1,70 @@
+"""Validation accuracy of a model, and of a saved run on its own validation split."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data import DataInfo, eval_dataset
+from ..errors import RSDError
+from ..run import load_run
+from .distributed import resolve_device
+
+
+
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *,
+             amp: bool = False) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (top-k with k <= number of classes) and mean CE loss."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    loss_sum = 0.0
+    try:
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(device, amp):
+                logits = model(x).float()
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            hit = top == y[:, None]
+            correct1 += int(hit[:, 0].sum())
+            correct5 += int(hit.any(1).sum())
+            loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            total += len(y)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise RSDError("the validation split is empty")
+    return {"top1": correct1 / total, "top5": correct5 / total, "loss": loss_sum / total}
+
+
+def autocast(device: torch.device, amp: bool):
+    if amp:
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, data_dir: str | None = None, batch_size: int = 256,
+                 device: str = "auto", workers: int = 2) -> dict:
+    """Top-1 / top-5 of the run in ``run_dir`` (training or deploy form) on its validation split."""
+    model, meta = load_run(run_dir)
+    if "data" not in meta:
+        raise RSDError(f"{run_dir}/run.json records no data set; cannot evaluate it")
+    try:
+        info = DataInfo.from_json(meta["data"])
+    except TypeError as e:
+        raise RSDError(f"{run_dir}/run.json has an unreadable data entry: {e}") from None
+    if data_dir is not None:
+        info.dir = str(data_dir)
+    ds = eval_dataset(info)
+    dev = resolve_device(device)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)
+    result = evaluate(model.to(dev), loader, dev)
+    return dict(result, images=len(ds), split=info.val_split, data=info.name)

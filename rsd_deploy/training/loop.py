@@ -1,0 +1,346 @@
+"""The training loop: epochs of SGD over a data set, evaluation, and the run directory.
+
+:func:`train` runs one configuration (:class:`~rsd_deploy.training.config.TrainConfig`)
+to completion and returns the run directory: ``model.safetensors`` and ``run.json``
+(the contract export and benchmarks read), ``metrics.jsonl`` (one line per epoch),
+``curves.png`` and the resume state (``checkpoint.*``), all rewritten atomically after
+every epoch. A non-finite loss stops the run with an :class:`RSDError` naming the
+epoch and step, before anything of that epoch is written.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .. import __version__, models
+from ..data import DataInfo, load_datasets
+from ..errors import RSDError
+from ..io import atomic_path
+from ..run import RUN_FILE, save_run
+from . import checkpoint, distributed
+from .config import TrainConfig
+from .evaluation import autocast, evaluate
+from .plots import plot_curves
+from .rsd import CEStep, RSDStep
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+#: Options that may differ when a run is resumed; everything else must match.
+RESUMABLE_CHANGES = ("epochs", "max_steps", "device", "workers", "eval_batch_size")
+
+EpochCallback = Callable[[int, dict[str, Any], nn.Module], None]
+
+
+def default_run_dir(config: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.model}-{config.method}-{config.data}-{stamp}"
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The configuration of the run in ``run_dir``, with the changes a resume allows."""
+    saved = TrainConfig.from_dict(checkpoint.read_config(run_dir), f"{run_dir}/{checkpoint.STATE_FILE}")
+    overrides = {k.replace("-", "_"): v for k, v in (overrides or {}).items()}
+    changed = [k for k, v in overrides.items() if k not in RESUMABLE_CHANGES and getattr(saved, k, v) != v]
+    if changed:
+        k = changed[0]
+        raise RSDError(
+            f"cannot change {k} when resuming (the run has {getattr(saved, k)!r}, got {overrides[k]!r}); "
+            f"only {', '.join(RESUMABLE_CHANGES)} may change"
+        )
+    return saved.update({k: v for k, v in overrides.items() if k in RESUMABLE_CHANGES})
+
+
+# Data ------------------------------------------------------------------------------------
+
+
+def _subset(ds: Dataset, n: int | None) -> Dataset:
+    """``n`` samples spread evenly over ``ds`` (class-sorted folders keep every class)."""
+    if n is None or n >= len(ds):
+        return ds
+    step = len(ds) / n
+    return Subset(ds, [int(i * step) for i in range(n)])
+
+
+def _seed_for(config: TrainConfig, epoch: int, rank: int = 0) -> int:
+    """Seed of every generator of ``epoch`` on ``rank``: resumable without saved generator state."""
+    return (config.seed * 1_000_003 + epoch * 1_009 + rank) % (2**63)
+
+
+def _train_loader(ds: Dataset, config: TrainConfig, ctx: distributed.Context, epoch: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(_seed_for(config, epoch))
+    sampler = None
+    if ctx.distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(ds, ctx.world_size, ctx.rank, shuffle=True, seed=config.seed,
+                                     drop_last=True)
+        sampler.set_epoch(epoch)
+    return DataLoader(
+        ds, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+        generator=generator, num_workers=config.workers, drop_last=True,
+        pin_memory=ctx.device.type == "cuda", persistent_workers=False,
+    )
+
+
+# Run directory ---------------------------------------------------------------------------
+
+
+def _versions() -> dict[str, str]:
+    import torchvision
+
+    return {"rsd_deploy": __version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    if resume:
+        if not checkpoint.exists(run_dir):
+            raise RSDError(f"{run_dir} holds no resume state; cannot --resume it")
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RSDError(f"--out {run_dir} exists and is not a directory")
+    if (run_dir / RUN_FILE).exists() or checkpoint.exists(run_dir):
+        raise RSDError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    try:  # fail now, not after the first epoch, when --out is not writable
+        with atomic_path(run_dir / ".write-test") as tmp:
+            tmp.write_text("")
+        (run_dir / ".write-test").unlink()
+    except OSError as e:
+        raise RSDError(f"cannot write to --out {run_dir}: {e.strerror or e}") from None
+
+
+def _write_epoch(run_dir: Path, *, model: nn.Module, meta: dict[str, Any],
+                 history: list[dict[str, Any]]) -> None:
+    save_run(run_dir, model, meta)
+    with atomic_path(run_dir / METRICS_FILE) as tmp:
+        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    plot_curves(history, run_dir / CURVES_FILE)
+
+
+# Training --------------------------------------------------------------------------------
+
+
+class _NonFinite(Exception):
+    pass
+
+
+def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
+          quiet: bool = False, on_epoch_end: EpochCallback | None = None) -> Path:
+    """Train ``config`` into the run directory ``out`` (or ``runs/<name>-<time>``); returns it.
+
+    With ``resume``, continue the run in ``out`` from its last completed epoch.
+    ``on_epoch_end(epoch, metrics, model)`` is called on every process after each epoch,
+    once rank 0 has written the epoch's files and every rank holds the same model.
+    Under ``torchrun`` this trains with DistributedDataParallel.
+    """
+    config.validate()
+    if resume and out is None:
+        raise RSDError("--resume needs --out RUN_DIR, the run to continue")
+    if resume:
+        done, steps = checkpoint.read_progress(out)
+        if done >= config.epochs or (config.max_steps is not None and steps >= config.max_steps):
+            raise RSDError(f"nothing to do: {out} has already trained {done} epochs ({steps} steps); "
+                           "raise --epochs (or --max-steps) to continue it")
+    if config.amp and distributed.resolve_device(config.device).type != "cuda":
+        raise RSDError("--amp needs a CUDA device")
+    ctx = distributed.setup(config.device)
+    try:
+        return _train(config, Path(out) if out is not None else default_run_dir(config), ctx,
+                      resume=resume, quiet=quiet, on_epoch_end=on_epoch_end)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resume: bool,
+           quiet: bool, on_epoch_end: EpochCallback | None) -> Path:
+    say = (lambda *a: None) if quiet or not ctx.is_main else (lambda *a: print(*a, flush=True))
+    if ctx.is_main:
+        _prepare_run_dir(run_dir, resume)
+    distributed.barrier(ctx)
+
+    if config.download and ctx.distributed and not ctx.is_main:
+        distributed.barrier(ctx)  # let rank 0 fetch the files first
+    train_ds, val_ds, info = load_datasets(
+        config.data, config.data_dir, input_size=config.resolved_input_size(),
+        download=config.download and ctx.is_main,
+    )
+    if config.download and ctx.distributed and ctx.is_main:
+        distributed.barrier(ctx)
+    train_ds = _subset(train_ds, config.train_samples)
+    steps_per_epoch = len(train_ds) // (config.batch_size * ctx.world_size)
+    if steps_per_epoch == 0:
+        raise RSDError(
+            f"{len(train_ds)} training samples make no full batch of {config.batch_size} "
+            f"x {ctx.world_size} process(es); lower --batch-size"
+        )
+
+    torch.manual_seed(config.seed)  # same initial weights on every rank
+    form = "rsd" if config.method == "rsd" else "plain"
+    model = models.create(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                          form=form).to(ctx.device)
+    step_fn: nn.Module = RSDStep(model, config.objective()) if config.method == "rsd" else CEStep(model)
+    step_fn = distributed.wrap(ctx, step_fn)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp)
+
+    start_epoch, global_step, history = 0, 0, []
+    if resume:
+        state = checkpoint.load(run_dir, model=model, optimizer=optimizer, scaler=scaler)
+        start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
+        say(f"resuming {run_dir} after epoch {start_epoch} (step {global_step})")
+
+    val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size, shuffle=False,
+                            num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
+    meta = _run_meta(config, info, form, ctx)
+    effective = config.batch_size * ctx.world_size
+    say(f"training {config.model} ({config.method}, {form} form) on {info.name}: "
+        f"{len(train_ds)} images, {steps_per_epoch} steps/epoch, effective batch {effective} "
+        f"({ctx.world_size} process{'es' if ctx.world_size > 1 else ''}), {ctx.device}")
+
+    trained = 0
+    for epoch in range(start_epoch, config.epochs):
+        if config.max_steps is not None and global_step >= config.max_steps:
+            break
+        lr = config.lr_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(_seed_for(config, epoch, ctx.rank))
+        try:
+            record, global_step, complete = _train_epoch(
+                step_fn, optimizer, scaler, _train_loader(train_ds, config, ctx, epoch),
+                config, ctx, epoch, global_step, steps_per_epoch, quiet,
+            )
+        except _NonFinite as e:
+            last = f"the run directory still holds epoch {epoch}" if epoch else "nothing was saved"
+            raise RSDError(f"{e}; training stopped ({last}, intact in {run_dir})") from None
+        trained += 1
+        distributed.broadcast_buffers(ctx, model)
+        if ctx.is_main:
+            val = evaluate(model, val_loader, ctx.device, amp=config.amp)
+            record.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"], lr=lr)
+            history.append(record)
+            meta["metrics"] = dict(record, epochs_completed=epoch + 1 if complete else epoch)
+            _write_epoch(run_dir, model=model, meta=meta, history=history)
+            if complete:
+                checkpoint.save(run_dir, epoch=epoch + 1, step=global_step, model=model,
+                                optimizer=optimizer, scaler=scaler, config=config.to_json(),
+                                history=history)
+            say(_summary(record, config.epochs))
+        distributed.barrier(ctx)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record, model)
+        if not complete:
+            break
+
+    if ctx.is_main:
+        if not trained:
+            raise RSDError(f"nothing to do: {run_dir} has already trained {start_epoch} epochs")
+        say(f"run: {run_dir}")
+        say(f"next: rsd-deploy fuse-export {run_dir} --onnx")
+    return run_dir
+
+
+def _run_meta(config: TrainConfig, info: DataInfo, form: str, ctx: distributed.Context) -> dict[str, Any]:
+    return {
+        "model": config.model, "form": form, "method": config.method,
+        "num_classes": info.num_classes, "in_channels": info.in_channels,
+        "input_size": list(info.input_size), "classes": list(info.classes),
+        "normalization": {"mean": list(info.mean), "std": list(info.std)},
+        "data": info.to_json(), "config": config.to_json(),
+        "training": {"world_size": ctx.world_size, "effective_batch_size": config.batch_size * ctx.world_size,
+                     "device": ctx.device.type},
+        "versions": _versions(), "metrics": {},
+    }
+
+
+def _summary(record: dict[str, Any], epochs: int) -> str:
+    acc = f"train acc {100 * record['train_acc']:.2f}%"
+    if "train_acc_student" in record:
+        acc += f" (student {100 * record['train_acc_student']:.2f}%)"
+    return (f"epoch {record['epoch']}/{epochs}: loss {record['loss']:.4f}, {acc}, "
+            f"val top-1 {100 * record['val_top1']:.2f}% top-5 {100 * record['val_top5']:.2f}%, "
+            f"{record['epoch_time']:.1f}s, {record['images_per_sec']:.0f} img/s")
+
+
+def _train_epoch(step_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 loader: DataLoader, config: TrainConfig, ctx: distributed.Context, epoch: int,
+                 global_step: int, steps_per_epoch: int, quiet: bool) -> tuple[dict[str, Any], int, bool]:
+    from tqdm import tqdm
+
+    step_fn.train()
+    device = ctx.device
+    # Running sums on the device: [loss, n, correct (full network), correct (student)] + terms.
+    sums: Tensor | None = None
+    term_names: list[str] = []
+    complete = True
+    start = time.perf_counter()
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+               disable=quiet or not ctx.is_main, dynamic_ncols=True, file=sys.stderr)
+    images = 0
+    for i, (x, y) in enumerate(loader):
+        if config.max_steps is not None and global_step >= config.max_steps:
+            complete = False
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, config.amp):
+            out = step_fn(x, y)
+        loss = out.loss.detach().float()
+        finite = torch.isfinite(loss).float()
+        if ctx.distributed:  # every rank must stop together
+            finite = distributed.all_reduce_sum(ctx, finite) / ctx.world_size
+        if float(finite) < 1.0:
+            raise _NonFinite(f"non-finite loss ({float(loss)}) at epoch {epoch + 1}, step {i + 1} "
+                             f"(optimizer step {global_step + 1})")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(out.loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        global_step += 1
+
+        b = len(y)
+        if sums is None:
+            term_names = list(out.terms)
+            sums = torch.zeros(4 + len(term_names), device=device, dtype=torch.float64)
+        stats = [loss * b, torch.tensor(float(b), device=device),
+                 (out.logits.argmax(1) == y).sum(),
+                 (out.student_logits.argmax(1) == y).sum() if out.student_logits is not None
+                 else torch.zeros((), device=device)]
+        stats += [out.terms[n].float() * b for n in term_names]
+        sums += torch.stack([s.to(torch.float64) for s in stats])
+        images += b
+        if not bar.disable:
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{float(sums[0] / sums[1]):.3f}",
+                            acc=f"{100 * float(sums[2] / sums[1]):.1f}%",
+                            img_s=f"{images * ctx.world_size / max(elapsed, 1e-9):.0f}", refresh=False)
+            bar.update()
+    bar.close()
+    elapsed = time.perf_counter() - start
+    if sums is None:  # max_steps reached before the first step of this epoch
+        sums = torch.zeros(4, device=device, dtype=torch.float64)
+    sums = distributed.all_reduce_sum(ctx, sums)
+    n = max(float(sums[1]), 1.0)
+    record: dict[str, Any] = {
+        "epoch": epoch + 1, "steps": global_step, "loss": float(sums[0]) / n,
+        "terms": {name: float(sums[4 + j]) / n for j, name in enumerate(term_names)},
+        "train_acc": float(sums[2]) / n,
+    }
+    if config.method == "rsd":
+        record["train_acc_student"] = float(sums[3]) / n
+    record.update(epoch_time=elapsed, images_per_sec=float(sums[1]) / max(elapsed, 1e-9),
+                  complete=complete)
+    return record, global_step, complete

@@ -1,0 +1,150 @@
+"""``rsd-deploy train`` / ``eval``: options, recipes, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from rsd_deploy import models
+from rsd_deploy.cli import main, train_cmd
+from rsd_deploy.errors import RSDError
+from rsd_deploy.training import TrainConfig, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--input-size", "8", "--train-samples", "64", "--batch-size", "32", "--workers", "0",
+        "--device", "cpu", "--quiet"]
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 1, result.output
+    text = result.output.strip()
+    assert text.startswith("error: ") and "\n" not in text, text
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in text, text
+
+
+def test_cli_defaults_are_the_config_defaults():
+    defaults = TrainConfig().to_json()
+    for param in train_cmd.params:
+        if param.name in defaults:
+            value = param.default
+            if param.callback is not None and isinstance(value, str):
+                value = param.callback(None, param, value)
+            assert value == defaults[param.name], param.name
+    assert set(defaults) <= {p.name for p in train_cmd.params}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "train").glob("*.json")), ids=lambda p: p.name)
+def test_recipes_are_valid(path):
+    config = TrainConfig.from_dict(load_recipe(path), str(path)).validate()
+    if path.name.startswith("cifar100_"):
+        model, method = path.stem[len("cifar100_"):].rsplit("_", 1)
+        assert (config.model, config.method) == (model, method)
+        assert (config.epochs, config.batch_size, config.lr, config.momentum) == (240, 64, 0.05, 0.9)
+        assert config.weight_decay == 5e-4 and config.lr_milestones == [150, 180, 210]
+        assert config.lr_at(149) == 0.05 and config.lr_at(150) == pytest.approx(0.005)
+        assert config.lr_at(239) == pytest.approx(0.05e-3)
+
+
+def test_paper_recipes_cover_every_model_and_method():
+    names = {p.stem for p in (ROOT / "train").glob("cifar100_*.json")}
+    for model in ("resnet32", "resnet110", "wrn20_8", "vgg16", "vgg19", "densenet40_12"):
+        assert model in models.names()
+        assert {f"cifar100_{model}_rsd", f"cifar100_{model}_baseline"} <= names
+
+
+def test_train_and_eval_commands(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('method = "baseline"\nepochs = 3\nlr = 0.1\nseed = 4\n')
+    out = tmp_path / "run"
+    # Explicit flags override the recipe; the recipe overrides the defaults.
+    result = _run("train", "--config", str(recipe), "--epochs", "1", *TINY, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert (config["method"], config["epochs"], config["lr"], config["seed"]) == ("baseline", 1, 0.1, 4)
+    assert config["drop_rate"] == 0.2
+    result = _run("eval", str(out), "--device", "cpu", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    top1 = json.loads((out / "run.json").read_text())["metrics"]["val_top1"]
+    assert f"top-1 {100 * top1:.2f}%" in result.output and "360 images" in result.output
+
+
+def test_train_prints_run_and_next_command(tmp_path):
+    out = tmp_path / "run"
+    result = _run("train", "--method", "baseline", "--epochs", "1", *TINY[:-1], "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert f"run: {out}" in result.output
+    assert f"next: rsd-deploy fuse-export {out} --onnx" in result.output
+    assert "epoch 1/1:" in result.output and "val top-1" in result.output
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--model", "resnet9000"], ["unknown model 'resnet9000'"]),
+    (["--data", "mnist"], ["unknown data 'mnist'"]),
+    (["--data", "cifar10", "--data-dir", "/nonexistent/cifar"], ["cifar10 not found", "--download"]),
+    (["--data", "cifar100"], ["needs --data-dir"]),
+    (["--data", "imagefolder", "--data-dir", "/nonexistent/images"], ["no train/ folder"]),
+    (["--epochs", "0"], ["--epochs must be at least 1"]),
+    (["--loss-terms", "ce_student,bogus"], ["unknown loss term"]),
+    (["--lr-milestones", "5,3"], ["--lr-milestones"]),
+    (["--resume"], ["--resume needs --out"]),
+    (["--amp", "--device", "cpu"], ["--amp needs a CUDA device"]),
+])
+def test_bad_options_are_one_line_errors(args, needles):
+    _one_line_error(_run("train", *args), *needles)
+
+
+def test_unwritable_out_is_an_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    _one_line_error(_run("train", *TINY, "--out", str(blocker / "run")), "cannot write")
+    _one_line_error(_run("train", *TINY, "--out", str(blocker)), "not a directory")
+
+
+def test_existing_run_needs_resume(tmp_path):
+    out = tmp_path / "run"
+    assert _run("train", "--method", "baseline", "--epochs", "1", *TINY, "--out", str(out)).exit_code == 0
+    _one_line_error(_run("train", *TINY, "--out", str(out)), "already holds a run", "--resume")
+    _one_line_error(_run("train", "--resume", "--out", str(out), "--lr", "1.0"), "cannot change lr")
+    _one_line_error(_run("train", "--resume", "--out", str(out)), "already trained 1 epochs")
+    result = _run("train", "--resume", "--out", str(out), "--epochs", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    _one_line_error(_run("train", "--resume", "--out", str(tmp_path / "nothing")), "no resume state")
+
+
+@pytest.mark.parametrize("text,suffix,needles", [
+    ('{"epochs": 2, "lerning_rate": 0.1}', ".json", ["unknown key 'lerning_rate'"]),
+    ('{"epochs": "two"}', ".json", ["epochs", "wrong type"]),
+    ('{"epochs": 2,', ".json", ["not valid JSON"]),
+    ('epochs = [', ".toml", ["not valid TOML"]),
+    ('[1, 2]', ".json", ["table of settings"]),
+])
+def test_bad_recipes_are_one_line_errors(tmp_path, text, suffix, needles):
+    recipe = tmp_path / f"recipe{suffix}"
+    recipe.write_text(text)
+    _one_line_error(_run("train", "--config", str(recipe)), *needles)
+
+
+def test_missing_recipe_and_eval_of_missing_run(tmp_path):
+    _one_line_error(_run("train", "--config", str(tmp_path / "nope.json")), "not found")
+    _one_line_error(_run("eval", str(tmp_path / "nope")), "does not exist")
+
+
+def test_config_type_checks():
+    with pytest.raises(RSDError, match="wrong type"):
+        TrainConfig.from_dict({"mixture": "yes"})
+    with pytest.raises(RSDError, match="wrong type"):
+        TrainConfig.from_dict({"lr_milestones": [1.5]})
+    config = TrainConfig.from_dict({"lr": 1, "lr-milestones": [2, 4], "input_size": None})
+    assert config.lr == 1.0 and isinstance(config.lr, float) and config.lr_milestones == [2, 4]
+    assert config.resolved_input_size() == 16  # digits default
+    assert TrainConfig(data="imagefolder").resolved_input_size() == 32
