@@ -178,6 +178,8 @@ def _csv(kind):
               help="Input side [default: the model's, 16 for digits].")
 @click.option("--train-samples", type=int, default=None,
               help="Train on an evenly spread subset of this many images (smoke runs).")
+@click.option("--val-samples", type=int, default=None,
+              help="Validate on an evenly spread subset of this many images (smoke runs).")
 @click.option("--epochs", type=int, default=3, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Per process.")
 @click.option("--lr", type=float, default=0.01, show_default=True)

@@ -36,6 +36,7 @@ class TrainConfig:
     #: Input side; None: the model's own (32 for the CIFAR family), 16 for digits (8x8 images).
     input_size: int | None = None
     train_samples: int | None = None  #: train on an evenly spread subset of this size (smoke runs)
+    val_samples: int | None = None  #: validate on an evenly spread subset of this size (smoke runs)
     # Schedule (SGD with momentum, lr multiplied by lr_gamma at each milestone epoch).
     epochs: int = 3
     batch_size: int = 64  #: per process; the effective batch is this times the world size
@@ -69,7 +70,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise RSDError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
-        for name in ("input_size", "train_samples", "max_steps"):
+        for name in ("input_size", "train_samples", "val_samples", "max_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise RSDError(f"--{_flag(name)} must be at least 1 (got {value})")
@@ -125,7 +126,7 @@ class TrainConfig:
         return new
 
 
-_OPTIONAL_INT = {"input_size", "train_samples", "max_steps"}
+_OPTIONAL_INT = {"input_size", "train_samples", "val_samples", "max_steps"}
 _OPTIONAL_STR = {"data_dir"}
 
 

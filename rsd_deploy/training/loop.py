@@ -180,6 +180,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
     if config.download and ctx.distributed and ctx.is_main:
         distributed.barrier(ctx)
     train_ds = _subset(train_ds, config.train_samples)
+    val_ds = _subset(val_ds, config.val_samples)
     steps_per_epoch = len(train_ds) // (config.batch_size * ctx.world_size)
     if steps_per_epoch == 0:
         raise RSDError(
