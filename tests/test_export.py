@@ -88,12 +88,14 @@ def test_resnet20_end_to_end_cli(runs, tmp_path):
     assert audit["fused"]["Add"] == audit["reference"]["Add"] == 9  # the residual adds
     assert "BatchNormalization" not in audit["fused"]
     assert audit["identical"]
-    # The exporter keeps one BN over the stacked branches and a ReduceSum (the branch
-    # sum) per RSD block: 19 blocks; the two 1x1 shortcuts are conv+BN, folded by it.
-    assert audit["unfused"]["BatchNormalization"] == 19
+    # Unfused, each of the 19 RSD blocks keeps three convolutions (stacked KxK, Kx1,
+    # 1xK), each with its BN, and a ReduceSum over the stacked KxK branches; the two 1x1
+    # shortcuts are conv+BN, which the exporter folds.
+    assert audit["unfused"]["BatchNormalization"] == 3 * 19
     assert audit["unfused"]["ReduceSum"] == 19
-    assert audit["unfused"]["Conv"] == 21
-    assert audit["unfused_minus_fused"]["BatchNormalization"] == 19
+    assert audit["unfused"]["Conv"] == 3 * 19 + 2
+    assert audit["unfused_minus_fused"]["BatchNormalization"] == 3 * 19
+    assert audit["unfused_minus_fused"]["Conv"] == 2 * 19
 
     # Deploy run.json and weights: plain PyTorch loads them strictly.
     meta = json.loads((out / "run.json").read_text())
