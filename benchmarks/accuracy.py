@@ -78,6 +78,8 @@ def to_markdown(result: dict) -> str:
         f"{cfg['epochs']} epochs, batch {cfg['batch_size']}, lr {cfg['lr']} (x{cfg['lr_gamma']} at "
         f"{cfg['lr_milestones']}), seeds {result['seeds']}; metric: validation top-1 of the last epoch "
         f"(the paper's), mean ± std over seeds. Finished: {result['complete']}.",
+        "Training images: " + ("all" if cfg.get("train_samples") is None
+                               else f"{cfg['train_samples']} (an evenly spread subset)") + ".",
         f"Machine: {result['machine']}; recorded {result['date']}.",
         "",
         "| method | top-1 last (mean ± std) | per seed | top-1 best (mean) | time/epoch (median) | img/s |",

@@ -55,8 +55,8 @@ def test_ratio_interval_brackets_the_true_ratio():
         "baseline": _rounds(rng, 30, 20, 1e-3),
     }
     reps = stats.bootstrap_medians(times, n_boot=1000)
-    uf = stats.ratio_interval(times, reps, "unfused", "fused")
-    fb = stats.ratio_interval(times, reps, "fused", "baseline")
+    uf = stats.ratio_interval(times, "unfused", "fused")
+    fb = stats.ratio_interval(times, "fused", "baseline")
     assert uf.lo < 4.0 < uf.hi and uf.hi - uf.lo < 0.1
     assert fb.lo < 1.0 < fb.hi and 0.97 < fb.lo and fb.hi < 1.03
     med = stats.median_intervals(times, reps)["fused"]
@@ -72,9 +72,20 @@ def test_paired_rounds_cancel_drift_that_hits_all_models():
              "baseline": _rounds(rng, 40, 10, 1e-3, drift, noise=0.01)}
     reps = stats.bootstrap_medians(times, n_boot=1000)
     med = stats.median_intervals(times, reps)["fused"]
-    fb = stats.ratio_interval(times, reps, "fused", "baseline")
+    fb = stats.ratio_interval(times, "fused", "baseline")
     assert (med.hi - med.lo) / med.value > 0.2
     assert fb.hi - fb.lo < 0.03 and fb.lo < 1.0 < fb.hi
+
+
+def test_ratio_is_taken_within_each_round():
+    # Pooled, fused's median is 3 and baseline's 1; round by round they are equal in
+    # two rounds of three: the paired ratio is the median of [1, 3, 1].
+    times = {"fused": [[1.0, 1.0], [3.0, 3.0], [3.0, 3.0]], "baseline": [[1.0, 1.0], [1.0, 1.0], [3.0, 3.0]]}
+    np.testing.assert_allclose(stats.round_ratios(times, "fused", "baseline"), [1.0, 3.0, 1.0])
+    r = stats.ratio_interval(times, "fused", "baseline", n_boot=200)
+    assert r.value == 1.0 and r.lo == 1.0 and r.hi == 3.0
+    with pytest.raises(ValueError, match="same number of rounds"):
+        stats.ratio_interval({"a": [[1.0]], "b": [[1.0], [1.0]]}, "a", "b")
 
 
 def test_interval_coverage_is_near_95_percent():
@@ -83,8 +94,7 @@ def test_interval_coverage_is_near_95_percent():
     for i in range(trials):
         times = {"fused": _rounds(rng, 20, 5, 1.05e-3, noise=0.1),
                  "baseline": _rounds(rng, 20, 5, 1e-3, noise=0.1)}
-        reps = stats.bootstrap_medians(times, n_boot=400, seed=i)
-        r = stats.ratio_interval(times, reps, "fused", "baseline")
+        r = stats.ratio_interval(times, "fused", "baseline", n_boot=400, seed=i)
         hits += r.lo <= 1.05 <= r.hi
     assert 0.85 <= hits / trials <= 1.0
 
@@ -105,8 +115,7 @@ def test_ragged_rounds_are_supported():
     rng = np.random.default_rng(6)
     times = {"a": [list(2e-3 * rng.lognormal(0, 0.02, 3 + i % 4)) for i in range(40)],
              "b": [list(1e-3 * rng.lognormal(0, 0.02, 2 + i % 3)) for i in range(40)]}
-    reps = stats.bootstrap_medians(times, n_boot=300)
-    r = stats.ratio_interval(times, reps, "a", "b")
+    r = stats.ratio_interval(times, "a", "b")
     assert r.lo < 2.0 < r.hi and r.hi - r.lo < 0.1
 
 
@@ -141,12 +150,10 @@ def test_verdict(value, lo, hi, status):
 def test_instability_flags_noise_and_stays_quiet_on_clean_timings():
     rng = np.random.default_rng(5)
     clean = {"fused": _rounds(rng, 20, 10, 1e-3), "baseline": _rounds(rng, 20, 10, 1e-3)}
-    reps = stats.bootstrap_medians(clean, n_boot=500)
-    assert stats.instability(clean, stats.ratio_interval(clean, reps, "fused", "baseline")) == []
+    assert stats.instability(clean, stats.ratio_interval(clean, "fused", "baseline")) == []
 
     noisy = {"fused": _rounds(rng, 3, 10, 1e-3, noise=0.8), "baseline": _rounds(rng, 3, 10, 1e-3, noise=0.8)}
-    reps = stats.bootstrap_medians(noisy, n_boot=500)
-    warnings = stats.instability(noisy, stats.ratio_interval(noisy, reps, "fused", "baseline"))
+    warnings = stats.instability(noisy, stats.ratio_interval(noisy, "fused", "baseline"))
     text = " | ".join(warnings)
     assert "only 3 rounds" in text
     assert "wider than the +-0.03 band" in text

@@ -185,8 +185,8 @@ def _overall(entries: list[dict[str, Any]]) -> dict[str, Any]:
 def _analyse(batch: int, rounds: dict[str, list[list[float]]]) -> dict[str, Any]:
     reps = stats.bootstrap_medians(rounds)
     medians = stats.median_intervals(rounds, reps)
-    uf = stats.ratio_interval(rounds, reps, "unfused", "fused")
-    fb = stats.ratio_interval(rounds, reps, "fused", "baseline")
+    uf = stats.ratio_interval(rounds, "unfused", "fused")
+    fb = stats.ratio_interval(rounds, "fused", "baseline")
     return {
         "batch": batch,
         "rounds": len(rounds["fused"]),

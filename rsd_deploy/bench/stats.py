@@ -4,9 +4,9 @@ Pure functions on arrays of per-call times in seconds, so they can be tested on
 synthetic timings. Samples are grouped in *rounds*: ``times[m]`` holds model
 ``m``'s calls, one row per round of the interleaved schedule (rows may differ in
 length). Rounds, not single calls, are the independent units: machine drift moves
-all calls of a round together, so intervals come from a cluster bootstrap that
-resamples whole rounds, the same rounds for every model (the pairing keeps drift
-that hit all models alike out of their ratio).
+all calls of a round together, so intervals come from a bootstrap that resamples
+whole rounds. A ratio of two models is taken within each round (the models ran
+back to back there), so drift that hit both alike cancels before resampling.
 """
 
 from __future__ import annotations
@@ -129,12 +129,23 @@ def median_intervals(times: Mapping[str, Rounds], reps: Mapping[str, np.ndarray]
     return {m: _interval(float(np.median(_flat(times[m]))), reps[m]) for m in times}
 
 
+def round_ratios(times: Mapping[str, Rounds], num: str, den: str) -> np.ndarray:
+    """Per round, ``median(num's calls) / median(den's calls)``: the paired comparison.
+
+    The models of one round ran back to back, so drift slower than a round (another
+    job, clock changes) scales both medians alike and cancels in their ratio.
+    """
+    _check_rounds({num: times[num], den: times[den]})
+    return np.array([np.median(a) / np.median(b) for a, b in zip(times[num], times[den])], dtype=np.float64)
+
+
 def ratio_interval(
-    times: Mapping[str, Rounds], reps: Mapping[str, np.ndarray], num: str, den: str
+    times: Mapping[str, Rounds], num: str, den: str, *, n_boot: int = 2000, seed: int = 0
 ) -> Interval:
-    """``median(num) / median(den)`` with its paired-bootstrap 95% interval."""
-    point = float(np.median(_flat(times[num])) / np.median(_flat(times[den])))
-    return _interval(point, reps[num] / reps[den])
+    """The median over rounds of :func:`round_ratios`, with a bootstrap 95% interval over rounds."""
+    ratios = round_ratios(times, num, den)
+    picks = np.random.default_rng(seed).integers(0, ratios.size, size=(n_boot, ratios.size))
+    return _interval(float(np.median(ratios)), np.median(ratios[picks], axis=1))
 
 
 def verdict(fused_vs_baseline: Interval, tolerance: float = TOLERANCE) -> dict[str, object]:
