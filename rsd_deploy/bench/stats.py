@@ -20,6 +20,8 @@ import numpy as np
 TOLERANCE = 0.03
 #: Confidence level of every interval reported.
 LEVEL = 0.95
+#: Bootstrap replicates behind every interval.
+N_BOOT = 2000
 #: Fewer rounds than this make a cluster bootstrap too coarse to trust.
 MIN_ROUNDS = 5
 #: A model whose interquartile range exceeds this fraction of its median is flagged.
@@ -92,7 +94,7 @@ def _check_rounds(times: Mapping[str, Rounds]) -> int:
 
 
 def bootstrap_medians(
-    times: Mapping[str, Rounds], *, n_boot: int = 2000, seed: int = 0
+    times: Mapping[str, Rounds], *, n_boot: int = N_BOOT, seed: int = 0
 ) -> dict[str, np.ndarray]:
     """Bootstrap replicates of each model's median, resampling the same rounds for all models.
 
@@ -140,7 +142,7 @@ def round_ratios(times: Mapping[str, Rounds], num: str, den: str) -> np.ndarray:
 
 
 def ratio_interval(
-    times: Mapping[str, Rounds], num: str, den: str, *, n_boot: int = 2000, seed: int = 0
+    times: Mapping[str, Rounds], num: str, den: str, *, n_boot: int = N_BOOT, seed: int = 0
 ) -> Interval:
     """The median over rounds of :func:`round_ratios`, with a bootstrap 95% interval over rounds."""
     ratios = round_ratios(times, num, den)
