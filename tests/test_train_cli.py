@@ -98,8 +98,10 @@ def test_train_prints_run_and_next_command(tmp_path):
     (["--resume"], ["--resume needs --out"]),
     (["--amp", "--device", "cpu"], ["--amp needs a CUDA device"]),
 ])
-def test_bad_options_are_one_line_errors(args, needles):
+def test_bad_options_are_one_line_errors(args, needles, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out is runs/<name>-<time> under the working directory
     _one_line_error(_run("train", *args), *needles)
+    assert not list(tmp_path.glob("runs/*")), "a failed run left its directory behind"
 
 
 def test_unwritable_out_is_an_error(tmp_path):

@@ -156,12 +156,24 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
                            "raise --epochs (or --max-steps) to continue it")
     if config.amp and distributed.resolve_device(config.device).type != "cuda":
         raise RSDError("--amp needs a CUDA device")
+    run_dir = Path(out) if out is not None else default_run_dir(config)
+    existed = run_dir.exists()
     ctx = distributed.setup(config.device)
     try:
-        return _train(config, Path(out) if out is not None else default_run_dir(config), ctx,
-                      resume=resume, quiet=quiet, on_epoch_end=on_epoch_end)
+        return _train(config, run_dir, ctx, resume=resume, quiet=quiet, on_epoch_end=on_epoch_end)
+    except BaseException:
+        if ctx.is_main and not existed:
+            _remove_if_empty(run_dir)  # a failed start leaves no empty run directory behind
+        raise
     finally:
         distributed.teardown(ctx)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    try:
+        run_dir.rmdir()  # only succeeds on an empty directory
+    except OSError:
+        pass
 
 
 def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resume: bool,
