@@ -9,7 +9,9 @@ import torch
 
 from rsd_deploy import blocks, models
 from rsd_deploy.blocks import RSDConv, set_branch_drop
-from rsd_deploy.training.rsd import LOSS_TERMS, CEStep, RSDObjective, RSDStep, feature_mixture
+from rsd_deploy.training.rsd import (
+    LOSS_TERMS, CEStep, MixDraw, RSDObjective, RSDStep, feature_mixture,
+)
 
 B, C, S = 8, 4, 8  # batch, classes, input side: tiny and fast
 
@@ -213,6 +215,27 @@ def test_mix_points_are_all_used():
             step(x, y)
             points.add(step.last_draw.point)
     assert points == set(range(model.num_mix_points))
+
+
+def test_a_given_draw_is_used_and_checked():
+    model = _model()
+    x, y = _batch()
+    step = RSDStep(model)
+    last = model.num_mix_points - 1
+    draw = MixDraw(last, 0.25, torch.arange(B).flip(0))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        out = step(x, y, draw=draw)
+        assert step.last_draw is draw
+        torch.manual_seed(0)  # same branch-drop masks, same mixture: same loss
+        again = step(x, y, draw=MixDraw(last, 0.25, torch.arange(B).flip(0)))
+        torch.manual_seed(0)
+        other = step(x, y, draw=MixDraw(last, 0.75, torch.arange(B).flip(0)))
+    torch.testing.assert_close(again.loss, out.loss)
+    assert not torch.allclose(other.loss, out.loss)
+    for bad in (MixDraw(model.num_mix_points, 0.5, torch.arange(B)), MixDraw(0, 0.5, torch.arange(B + 1))):
+        with pytest.raises(ValueError, match="does not fit"):
+            step(x, y, draw=bad)
 
 
 def test_feature_mixture_formula():

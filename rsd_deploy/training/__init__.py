@@ -6,11 +6,12 @@ and ``rsd-deploy eval`` commands are thin layers over it.
 
 from .config import TrainConfig, load_recipe
 from .loop import evaluate, resume_config, train
-from .rsd import LOSS_TERMS, CEStep, RSDObjective, RSDStep, StepOutput, feature_mixture
+from .rsd import LOSS_TERMS, CEStep, MixDraw, RSDObjective, RSDStep, StepOutput, feature_mixture
 
 __all__ = [
     "LOSS_TERMS",
     "CEStep",
+    "MixDraw",
     "RSDObjective",
     "RSDStep",
     "StepOutput",

@@ -142,11 +142,18 @@ class RSDStep(nn.Module):
         self.objective = objective or RSDObjective()
         self.last_draw: MixDraw | None = None  #: the mixture drawn by the latest step (for tests)
 
-    def forward(self, x: Tensor, y: Tensor) -> StepOutput:
+    def forward(self, x: Tensor, y: Tensor, draw: MixDraw | None = None) -> StepOutput:
+        """One step on ``(x, y)``; ``draw`` fixes the mixture (default: a random one)."""
         obj, model = self.objective, self.model
         active = obj.active_terms
         b = x.shape[0]
-        draw = draw_mixture(model.num_mix_points, b, x.device) if obj.mixture else None
+        if not obj.mixture:
+            draw = None
+        elif draw is None:
+            draw = draw_mixture(model.num_mix_points, b, x.device)
+        elif not 0 <= draw.point < model.num_mix_points or draw.idx.shape != (b,):
+            raise ValueError(f"draw {draw.point} / {tuple(draw.idx.shape)} does not fit "
+                             f"{model.num_mix_points} mix points and a batch of {b}")
         self.last_draw = draw
 
         # Student pass: branch drop on, features at every mix point and logits.
