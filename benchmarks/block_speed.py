@@ -5,6 +5,10 @@ One step = forward, cross-entropy, backward of resnet32 in the RSD form at batch
 plain conv+BN) so that machine drift hits all alike; we report medians and ratios.
 Goal (issue 2): the fast block at least 1.3x faster than the reference.
 
+Both RSD networks do the same floating-point work (counted with ``torch.utils.flop_counter``);
+the profiler's share of convolution time in each step says how much any rearrangement of
+the non-convolution work (BatchNorm, branch drop, sums) could gain at most.
+
     python benchmarks/block_speed.py [--rounds 30] [--threads 2] [--drop 0.2]
 """
 
@@ -20,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the per-branch reference lives beside the tests
@@ -28,7 +34,7 @@ from reference import to_reference  # noqa: E402
 
 import rsd_deploy  # noqa: E402
 from rsd_deploy import set_branch_drop  # noqa: E402
-from rsd_deploy.io import write_json  # noqa: E402
+from rsd_deploy.io import atomic_path, write_json  # noqa: E402
 from rsd_deploy.models import create  # noqa: E402
 
 
@@ -37,6 +43,27 @@ def step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     return time.perf_counter() - start
+
+
+#: Profiler events that are convolution arithmetic (forward and both backward products).
+CONV_OPS = frozenset({"aten::mkldnn_convolution", "aten::convolution_backward",
+                      "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward"})
+
+
+def step_gflops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter:
+        step(model, x, y)
+    return counter.get_total_flops() / 1e9
+
+
+def conv_share(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 3) -> float:
+    """Fraction of a step's self CPU time spent in convolution kernels."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(model, x, y)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in CONV_OPS) / total
 
 
 def main() -> None:
@@ -68,6 +95,11 @@ def main() -> None:
             if r >= args.warmup:
                 times[name].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
+    gflops = {k: step_gflops(net, x, y) for k, net in nets.items()}
+    share = {k: conv_share(net, x, y) for k, net in nets.items()}
+    # If the fast block's non-convolution work cost nothing, its step would still take its
+    # convolution time: the most it could gain over the reference.
+    ceiling = med["reference"] / (med["fast"] * share["fast"])
     result = {
         "benchmark": "rsd block training step (forward + backward)",
         "model": args.model,
@@ -83,6 +115,9 @@ def main() -> None:
         "ratio_rsd_fast_vs_plain": med["fast"] / med["plain"],
         "ratio_rsd_reference_vs_plain": med["reference"] / med["plain"],
         "goal_speedup": 1.3,
+        "step_gflops": gflops,
+        "conv_time_share": share,
+        "ceiling_speedup_without_non_conv_work": ceiling,
         "times_s": times,
     }
     result["goal_met"] = result["speedup_fast_vs_reference"] >= 1.3
@@ -93,11 +128,17 @@ def main() -> None:
         + f"\nfast vs per-branch reference: **{result['speedup_fast_vs_reference']:.2f}x faster** "
         f"(goal >= 1.3x: {'met' if result['goal_met'] else 'NOT met'})  \n"
         f"RSD training form / plain conv+BN: fast {result['ratio_rsd_fast_vs_plain']:.2f}x, "
-        f"reference {result['ratio_rsd_reference_vs_plain']:.2f}x\n"
+        f"reference {result['ratio_rsd_reference_vs_plain']:.2f}x  \n"
+        f"FLOPs per step (forward + backward): fast {gflops['fast']:.1f} G, reference "
+        f"{gflops['reference']:.1f} G, plain {gflops['plain']:.1f} G ({gflops['fast'] / gflops['plain']:.2f}x)  \n"
+        f"Convolution share of the step (profiler): fast {100 * share['fast']:.0f}%, reference "
+        f"{100 * share['reference']:.0f}%, plain {100 * share['plain']:.0f}%; with every non-convolution "
+        f"operation of the fast step removed it would be at most **{ceiling:.2f}x** faster than the reference\n"
     )
     stem = f"block_speed_{args.model}_b{args.batch}_drop{args.drop}"
     write_json(args.out / f"{stem}.json", result)
-    (args.out / f"{stem}.md").write_text(md)
+    with atomic_path(args.out / f"{stem}.md") as tmp:
+        tmp.write_text(md)
     print(md)
 
 
