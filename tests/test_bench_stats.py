@@ -174,10 +174,30 @@ def _fake_timers(latency, log):
 def test_rounds_interleave_and_rotate_the_order():
     log: list[str] = []
     timers = _fake_timers({"A": 0.01, "B": 0.01, "C": 0.01}, log)
-    rounds = measure(timers, Budget(warmup_s=0, iters=3))
+    rounds = measure(timers, Budget(warmup_s=0, iters=3, lead_calls=0))
     assert log[:3] == ["A", "B", "C"]  # one warm-up call each
     assert log[3:] == ["A", "B", "C", "B", "C", "A", "C", "A", "B"]
     assert all(len(rounds[n]) == 3 and all(len(r) == 1 for r in rounds[n]) for n in "ABC")
+
+
+def test_the_lead_call_of_each_turn_is_not_timed():
+    last: list[str] = []
+
+    def make(name):
+        def run():  # the first call after another model is slow (cold caches)
+            cold = last[-1:] != [name]
+            last.append(name)
+            return 1.0 if cold else 0.01
+        return run
+
+    timers = {n: make(n) for n in "AB"}
+    budget = dict(warmup_s=0, min_s=0.02, round_s=0.02, min_rounds=4)
+    rounds = measure(timers, Budget(**budget))  # one lead call by default
+    assert all(turn == [0.01] for n in "AB" for turn in rounds[n])
+    # Without it, every turn that follows the other model is timed cold: after the warm-up
+    # (A B) the rounds run A B | B A | A B | B A, so 5 of the 8 turns follow the other model.
+    rounds = measure(timers, Budget(**budget, lead_calls=0))
+    assert sorted(turn[0] for n in "AB" for turn in rounds[n]) == [0.01] * 3 + [1.0] * 5
 
 
 def test_min_s_budget_fills_turns_and_stops_when_every_model_had_its_time():
@@ -206,7 +226,7 @@ def test_calls_per_turn():
 @pytest.mark.parametrize(
     "kwargs",
     [dict(min_s=1.0, iters=5), dict(min_s=-1.0), dict(min_s=0.0), dict(iters=0),
-     dict(warmup_s=-1.0)],
+     dict(warmup_s=-1.0), dict(lead_calls=-1)],
 )
 def test_budget_rejects_bad_settings(kwargs):
     with pytest.raises(RSDError):
