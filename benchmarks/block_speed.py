@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--drop", type=float, default=0.2, help="branch-drop rate (student pass)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="feed every network channels-last inputs (oneDNN's faster layout on CPU)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
 
@@ -87,6 +89,9 @@ def main() -> None:
         "plain": create(args.model, num_classes=100, form="plain").train(),
     }
     x = torch.randn(args.batch, 3, 32, 32)
+    layout = "channels_last" if args.channels_last else "nchw"
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 100, (args.batch,))
     times: dict[str, list[float]] = {k: [] for k in nets}
     for r in range(args.warmup + args.rounds):
@@ -105,6 +110,7 @@ def main() -> None:
         "model": args.model,
         "batch": args.batch,
         "drop_rate": args.drop,
+        "layout": layout,
         "threads": args.threads,
         "rounds": args.rounds,
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
@@ -122,7 +128,8 @@ def main() -> None:
     }
     result["goal_met"] = result["speedup_fast_vs_reference"] >= 1.3
     md = (
-        f"# RSD block speed: {args.model}, batch {args.batch}, {args.threads} threads, drop {args.drop}\n\n"
+        f"# RSD block speed: {args.model}, batch {args.batch}, {args.threads} threads, drop {args.drop}, "
+        f"{layout} inputs\n\n"
         "| network | median step (ms) | min (ms) |\n|---|---:|---:|\n"
         + "".join(f"| {k} | {med[k] * 1e3:.1f} | {min(times[k]) * 1e3:.1f} |\n" for k in nets)
         + f"\nfast vs per-branch reference: **{result['speedup_fast_vs_reference']:.2f}x faster** "
@@ -135,7 +142,7 @@ def main() -> None:
         f"{100 * share['reference']:.0f}%, plain {100 * share['plain']:.0f}%; with every non-convolution "
         f"operation of the fast step removed it would be at most **{ceiling:.2f}x** faster than the reference\n"
     )
-    stem = f"block_speed_{args.model}_b{args.batch}_drop{args.drop}"
+    stem = f"block_speed_{args.model}_b{args.batch}_drop{args.drop}" + ("_cl" if args.channels_last else "")
     write_json(args.out / f"{stem}.json", result)
     with atomic_path(args.out / f"{stem}.md") as tmp:
         tmp.write_text(md)

@@ -136,6 +136,13 @@ class ConvBN(Reparameterizable):
         return kernel * scale.view(-1, 1, 1, 1), shift
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """``torch.channels_last`` for a channels-last 4-D tensor, else ``torch.contiguous_format``."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def drop_mask(batch: int, branches: int, p: float, *, device=None, dtype=None) -> Tensor:
     """Per-sample, per-branch keep mask ``(batch, branches)``: 0, or 1/(1-p) when kept."""
     keep = 1.0 - p
@@ -283,15 +290,40 @@ class RSDConv(Reparameterizable):
                 groups=self.groups,
             )
         square, vertical, horizontal = self._branch_outputs(x)
+        mask = None
+        if p > 0.0:
+            mask = drop_mask(x.shape[0], self.num_branches, p, device=x.device, dtype=square.dtype)
+        if self.groups == 1:
+            return self._sum_branches([*square.split(self.out_channels, dim=1), vertical, horizontal], mask)
+        # Grouped: the stacked output is ordered (group, branch, channel), so the branches
+        # are not channel blocks; sum over the branch axis and return the input's layout.
         b, _, h, w = square.shape
         g, n, c = self.groups, self.num_square, self.out_channels
         square = square.view(b, g, n, c // g, h, w)
-        if p > 0.0:
-            mask = drop_mask(b, self.num_branches, p, device=x.device, dtype=square.dtype)
+        if mask is not None:
             square = square * mask[:, :n].view(b, 1, n, 1, 1, 1)
             vertical = vertical * mask[:, n].view(b, 1, 1, 1)
             horizontal = horizontal * mask[:, n + 1].view(b, 1, 1, 1)
-        return square.sum(2).view(b, c, h, w) + vertical + horizontal
+        out = square.sum(2).view(b, c, h, w) + vertical + horizontal
+        return out.contiguous(memory_format=_memory_format(x))
+
+    @staticmethod
+    def _sum_branches(outputs: list[Tensor], mask: Tensor | None) -> Tensor:
+        """``sum_i mask[:, i] * outputs[i]`` as a chain of fused multiply-adds.
+
+        Every operand keeps the input's memory format (``split`` makes channel views, whose
+        gradients ``cat`` joins back), so channels-last inputs stay on fast kernels.
+        """
+        if mask is None:
+            out = outputs[0] + outputs[1]
+            for y in outputs[2:]:
+                out = out + y
+            return out
+        keep = mask.view(mask.shape[0], -1, 1, 1, 1).unbind(1)
+        out = outputs[0] * keep[0]
+        for y, k in zip(outputs[1:], keep[1:]):
+            out = torch.addcmul(out, y, k)
+        return out
 
     # Reparameterization ----------------------------------------------------------------
 

@@ -28,7 +28,9 @@ CASES = [
 
 @pytest.mark.parametrize("cin,cout,k,stride,groups,bn", CASES)
 @pytest.mark.parametrize("drop", [0.0, 0.4])
-def test_fast_block_equals_per_branch_reference(cin, cout, k, stride, groups, bn, drop):
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+def test_fast_block_equals_per_branch_reference(cin, cout, k, stride, groups, bn, drop, memory_format):
     """Outputs, every parameter's gradient and BN running statistics, over training steps, fp64."""
     torch.manual_seed(0)
     fast = RSDConv(cin, cout, k, stride, groups, bn=bn, drop_rate=drop).double()
@@ -39,9 +41,10 @@ def test_fast_block_equals_per_branch_reference(cin, cout, k, stride, groups, bn
     fast_opt = torch.optim.SGD(fast.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for step in range(3):
-        x = torch.randn(3, cin, 33, 17, dtype=torch.float64)
+        x = torch.randn(3, cin, 33, 17, dtype=torch.float64).contiguous(memory_format=memory_format)
         torch.manual_seed(100 + step)
         y_fast = fast(x)
+        assert y_fast.is_contiguous(memory_format=memory_format)  # kept: no slow mixed-layout kernels
         target = torch.randn_like(y_fast)
         torch.manual_seed(100 + step)  # the same masks in both
         y_ref = ref(x)

@@ -89,10 +89,11 @@ def test_resnet20_end_to_end_cli(runs, tmp_path):
     assert "BatchNormalization" not in audit["fused"]
     assert audit["identical"]
     # Unfused, each of the 19 RSD blocks keeps three convolutions (stacked KxK, Kx1,
-    # 1xK), each with its BN, and a ReduceSum over the stacked KxK branches; the two 1x1
-    # shortcuts are conv+BN, which the exporter folds.
+    # 1xK), each with its BN, a Split of the stacked KxK output and four Adds over the
+    # five branches; the two 1x1 shortcuts are conv+BN, which the exporter folds.
     assert audit["unfused"]["BatchNormalization"] == 3 * 19
-    assert audit["unfused"]["ReduceSum"] == 19
+    assert audit["unfused"]["Split"] == 19
+    assert audit["unfused"]["Add"] == 9 + 4 * 19
     assert audit["unfused"]["Conv"] == 3 * 19 + 2
     assert audit["unfused_minus_fused"]["BatchNormalization"] == 3 * 19
     assert audit["unfused_minus_fused"]["Conv"] == 2 * 19

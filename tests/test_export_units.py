@@ -85,11 +85,12 @@ def test_reference_histogram_is_the_plain_architecture(tmp_path):
     export_onnx(models.create("resnet20", num_classes=10).eval(), tmp_path / "m.onnx",
                 input_shape=(3, 16, 16))
     rsd = op_histogram(tmp_path / "m.onnx")
-    # Per RSD block: three convolutions (stacked KxK, Kx1, 1xK), each with its BN, and
-    # a ReduceSum over the stacked KxK branches.
+    # Per RSD block: three convolutions (stacked KxK, Kx1, 1xK), each with its BN, a Split
+    # of the stacked KxK output into its branches and four Adds summing the five branches.
     assert rsd["BatchNormalization"] == 3 * 19
     assert rsd["Conv"] == 3 * 19 + 2
-    assert rsd["ReduceSum"] == 19
+    assert rsd["Split"] == 19
+    assert rsd["Add"] == 9 + 4 * 19
 
 
 def test_parse_batch():
