@@ -293,18 +293,17 @@ class RSDConv(Reparameterizable):
         mask = None
         if p > 0.0:
             mask = drop_mask(x.shape[0], self.num_branches, p, device=x.device, dtype=square.dtype)
-        if self.groups == 1:
-            return self._sum_branches([*square.split(self.out_channels, dim=1), vertical, horizontal], mask)
+        c = self.out_channels
+        if self.groups == 1:  # the stacked KxK branches are channel blocks
+            return self._sum_branches([*square.split(c, dim=1), vertical, horizontal], mask)
         # Grouped: the stacked output is ordered (group, branch, channel), so the branches
-        # are not channel blocks; sum over the branch axis and return the input's layout.
+        # are slices of a (group, branch, channel) view; sum them there and return the
+        # input's layout.
         b, _, h, w = square.shape
-        g, n, c = self.groups, self.num_square, self.out_channels
-        square = square.view(b, g, n, c // g, h, w)
-        if mask is not None:
-            square = square * mask[:, :n].view(b, 1, n, 1, 1, 1)
-            vertical = vertical * mask[:, n].view(b, 1, 1, 1)
-            horizontal = horizontal * mask[:, n + 1].view(b, 1, 1, 1)
-        out = square.sum(2).view(b, c, h, w) + vertical + horizontal
+        g = self.groups
+        parts = [*square.view(b, g, self.num_square, c // g, h, w).unbind(2),
+                 vertical.view(b, g, c // g, h, w), horizontal.view(b, g, c // g, h, w)]
+        out = self._sum_branches(parts, mask).reshape(b, c, h, w)
         return out.contiguous(memory_format=_memory_format(x))
 
     @staticmethod
@@ -315,11 +314,8 @@ class RSDConv(Reparameterizable):
         gradients ``cat`` joins back), so channels-last inputs stay on fast kernels.
         """
         if mask is None:
-            out = outputs[0] + outputs[1]
-            for y in outputs[2:]:
-                out = out + y
-            return out
-        keep = mask.view(mask.shape[0], -1, 1, 1, 1).unbind(1)
+            return sum(outputs[1:], outputs[0])
+        keep = mask.view(*mask.shape, *[1] * (outputs[0].dim() - 1)).unbind(1)
         out = outputs[0] * keep[0]
         for y, k in zip(outputs[1:], keep[1:]):
             out = torch.addcmul(out, y, k)
