@@ -10,6 +10,7 @@ epoch and step, before anything of that epoch is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import sys
@@ -163,17 +164,11 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
         return _train(config, run_dir, ctx, resume=resume, quiet=quiet, on_epoch_end=on_epoch_end)
     except BaseException:
         if ctx.is_main and not existed:
-            _remove_if_empty(run_dir)  # a failed start leaves no empty run directory behind
+            with contextlib.suppress(OSError):  # rmdir removes only an empty directory:
+                run_dir.rmdir()  # a failed start leaves no empty run directory behind
         raise
     finally:
         distributed.teardown(ctx)
-
-
-def _remove_if_empty(run_dir: Path) -> None:
-    try:
-        run_dir.rmdir()  # only succeeds on an empty directory
-    except OSError:
-        pass
 
 
 def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resume: bool,
