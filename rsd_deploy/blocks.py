@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .branch_norm import branch_norm_sum
+
 Form = Literal["rsd", "plain", "deploy"]
 FORMS: tuple[str, ...] = ("rsd", "plain", "deploy")
 
@@ -252,47 +254,53 @@ class RSDConv(Reparameterizable):
 
     # Forward ---------------------------------------------------------------------------
 
-    def _branch_outputs(self, x: Tensor) -> list[Tensor]:
-        """Outputs of the KxK branches (stacked), the Kx1 and the 1xK branch, after BN or bias."""
+    def _conv_outputs(self, x: Tensor, bias: Tensor | None) -> list[Tensor]:
+        """The KxK branches (stacked, in ``bn``'s channel order), the Kx1 and the 1xK branch.
+
+        ``bias`` holds one value per branch channel in ``bn``'s order, or is None.
+        """
         n, c, p = self.num_square, self.out_channels, self.padding[0]
-        biases = [None] * 3
-        if self.bias is not None:
-            biases = [self._group_major(self.bias[:n]), self.bias[n], self.bias[n + 1]]
-        outs = [
+        biases = [None] * 3 if bias is None else bias.split([n * c, c, c])
+        return [
             F.conv2d(x, self._group_major(self.weight_square), biases[0], self.stride, p, 1, self.groups),
             F.conv2d(x, self.weight_vertical, biases[1], self.stride, (p, 0), 1, self.groups),
             F.conv2d(x, self.weight_horizontal, biases[2], self.stride, (0, p), 1, self.groups),
         ]
-        bn = self.bn
-        if bn is None:
-            return outs
-        use_batch_stats = self.training or bn.running_mean is None
-        if self.training and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-        momentum = bn.momentum
-        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d does
-            momentum = 1.0 / float(bn.num_batches_tracked)
-        sections = [slice(0, n * c), slice(n * c, (n + 1) * c), slice((n + 1) * c, (n + 2) * c)]
-        return [
-            F.batch_norm(
-                y, bn.running_mean[s], bn.running_var[s], bn.weight[s], bn.bias[s],
-                use_batch_stats, momentum, bn.eps,
-            )
-            for y, s in zip(outs, sections)
-        ]
+
+    def _bias_in_bn_order(self) -> Tensor:
+        """The branch biases of a block without BN, in the stacked channel order."""
+        n = self.num_square
+        return torch.cat([self._group_major(self.bias[:n]), self.bias[n], self.bias[n + 1]])
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.drop_rate if self.training else 0.0
-        if self.bn is None and p == 0.0:
+        bn = self.bn
+        if bn is None and p == 0.0:
             # Without BN and without drop the block is linear: one conv, summed kernel.
             return F.conv2d(
                 x, self.branch_kernels().sum(0), self.bias.sum(0), self.stride, self.padding,
                 groups=self.groups,
             )
-        square, vertical, horizontal = self._branch_outputs(x)
         mask = None
         if p > 0.0:
-            mask = drop_mask(x.shape[0], self.num_branches, p, device=x.device, dtype=square.dtype)
+            mask = drop_mask(x.shape[0], self.num_branches, p, device=x.device, dtype=x.dtype)
+        if bn is not None and (self.training or bn.running_mean is None):
+            # Batch statistics: BN, drop and sum as one op (rsd_deploy.branch_norm). The
+            # convolutions subtract the running mean through their bias, which BN does not
+            # see and which keeps the one-pass variance accurate.
+            shift = None if bn.running_mean is None else bn.running_mean.detach().clone()
+            outputs = self._conv_outputs(x, None if shift is None else -shift)
+            return branch_norm_sum(outputs, bn, self.groups, mask, shift)
+        outputs = self._conv_outputs(x, None if bn is not None else self._bias_in_bn_order())
+        if bn is not None:  # eval: BN with running statistics, through views of bn's vectors
+            n, c = self.num_square, self.out_channels
+            sections = [slice(0, n * c), slice(n * c, (n + 1) * c), slice((n + 1) * c, (n + 2) * c)]
+            outputs = [
+                F.batch_norm(y, bn.running_mean[s], bn.running_var[s], bn.weight[s], bn.bias[s],
+                             False, 0.0, bn.eps)
+                for y, s in zip(outputs, sections)
+            ]
+        square, vertical, horizontal = outputs
         c = self.out_channels
         if self.groups == 1:  # the stacked KxK branches are channel blocks
             return self._sum_branches([*square.split(c, dim=1), vertical, horizontal], mask)
@@ -315,7 +323,7 @@ class RSDConv(Reparameterizable):
         """
         if mask is None:
             return sum(outputs[1:], outputs[0])
-        keep = mask.view(*mask.shape, *[1] * (outputs[0].dim() - 1)).unbind(1)
+        keep = mask.to(outputs[0].dtype).view(*mask.shape, *[1] * (outputs[0].dim() - 1)).unbind(1)
         out = outputs[0] * keep[0]
         for y, k in zip(outputs[1:], keep[1:]):
             out = torch.addcmul(out, y, k)
