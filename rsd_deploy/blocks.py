@@ -163,9 +163,10 @@ class RSDConv(Reparameterizable):
     kernels stacked along the output channels in one, and the Kx1 and 1xK kernels at
     their true sizes (zero-padding them into KxK would cost (K-1)/K more of their
     multiply-adds, which measured slower on CPU). One BatchNorm holds the statistics
-    of all branches' channels (BN is per channel, so this equals a BN per branch); it
-    is applied to each of the three outputs through views of its parameters and
-    running statistics, so nothing is concatenated. Channel order of ``bn``: the KxK
+    of all branches' channels (BN is per channel, so this equals a BN per branch). In
+    training, BN with batch statistics, branch drop and the sum are one fused op
+    (:func:`rsd_deploy.branch_norm.branch_norm_sum`); in eval, BN is applied to the
+    three outputs through views of its vectors. Channel order of ``bn``: the KxK
     branches as the grouped convolution orders them, ``(group, branch, channel)``,
     then the Kx1 channels, then the 1xK channels; :meth:`unstack` gives per-branch views.
 
