@@ -22,7 +22,6 @@ cover outputs, gradients of every parameter and running statistics.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import torch
@@ -39,19 +38,14 @@ def _branch_view(z: Tensor, groups: int, channels: int) -> Tensor:
     return z.view(n, groups, -1, channels // groups, h * w)
 
 
-@functools.lru_cache(maxsize=64)
-def _channel_maps(counts: tuple[int, ...], groups: int, group_width: int,
-                  device: torch.device) -> tuple[Tensor, Tensor]:
-    """For every channel in BN order: its branch (a mask column) and its output channel."""
-    branch, out = [], []
-    start = 0
-    for k in counts:
-        g, j, c = torch.meshgrid(torch.arange(groups), torch.arange(k), torch.arange(group_width),
-                                 indexing="ij")
-        branch.append((start + j).flatten())
-        out.append((g * group_width + c).flatten())
-        start += k
-    return torch.cat(branch).to(device), torch.cat(out).to(device)
+def _to_channels(per_part: Sequence[Tensor], views: Sequence[Tensor]) -> Tensor:
+    """Broadcast one ``(n, g or 1, k or 1, cg or 1)`` tensor per part to ``(n, channels in BN order)``."""
+    return torch.cat([t.expand(*v.shape[:4]).flatten(1) for t, v in zip(per_part, views)], 1)
+
+
+def _branch_columns(keep: Tensor, views: Sequence[Tensor]) -> list[Tensor]:
+    """The mask ``(n, branches)`` split into one ``(n, 1, k, 1)`` block per part."""
+    return [c[:, None, :, None] for c in keep.split([v.shape[2] for v in views], dim=1)]
 
 
 def _flat(values: Tensor, views: Sequence[Tensor]) -> list[Tensor]:
@@ -90,13 +84,13 @@ class _BranchNormSum(torch.autograd.Function):
                 groups: int, *parts: Tensor):
         out_ch = parts[-1].shape[1]
         views = [_branch_view(z, groups, out_ch) for z in parts]
-        counts = tuple(v.shape[2] for v in views)
-        branch, _ = _channel_maps(counts, groups, out_ch // groups, weight.device)
         mean, var = _moments(views)
         mean, var = mean.to(weight.dtype), var.to(weight.dtype)
         invstd = torch.rsqrt(var + eps)
         n = parts[0].shape[0]
-        keep = (mask if mask is not None else weight.new_ones(n, sum(counts)))[:, branch]
+        if mask is None:
+            mask = weight.new_ones(n, sum(v.shape[2] for v in views))
+        keep = _to_channels(_branch_columns(mask.to(weight.dtype), views), views)  # (n, channels)
         scale = keep * (weight * invstd)  # (n, channels): BN scale and drop, per sample
         shift = keep * (bias - mean * weight * invstd)
 
@@ -118,14 +112,12 @@ class _BranchNormSum(torch.autograd.Function):
         weight, keep, mean, invstd, *parts = ctx.saved_tensors
         groups, out_ch = ctx.groups, grad_out.shape[1]
         views = [_branch_view(z, groups, out_ch) for z in parts]
-        counts = tuple(v.shape[2] for v in views)
-        _, out_index = _channel_maps(counts, groups, out_ch // groups, weight.device)
         acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
         n, _, h, w = grad_out.shape
         dy = grad_out.reshape(n, groups, 1, out_ch // groups, h * w)  # any strides autograd hands us
         size = n * h * w
 
-        dy_sum = dy.sum(-1, dtype=acc).flatten(1)[:, out_index]  # (n, channels)
+        dy_sum = _to_channels([dy.sum(-1, dtype=acc)] * len(views), views)  # (n, channels)
         dy_z = torch.cat([(v * dy).sum(-1, dtype=acc).flatten(1) for v in views], 1)
         grad_bias = (keep * dy_sum).sum(0).to(weight.dtype)
         grad_weight = invstd * ((keep * dy_z).sum(0).to(weight.dtype) - mean * grad_bias)
