@@ -95,11 +95,11 @@ class _BranchNormSum(torch.autograd.Function):
         shift = keep * (bias - mean * weight * invstd)
 
         out = torch.empty_like(parts[-1])  # the conv outputs' layout
-        acc = _branch_view(out, groups, out_ch)[:, :, 0]  # (n, g, cg, hw)
-        acc.copy_(sum(t.sum(2) for t in _flat(shift, views)))
+        total = _branch_view(out, groups, out_ch)[:, :, 0]  # (n, g, cg, hw), written through
+        total.copy_(sum(t.sum(2) for t in _flat(shift, views)))
         for v, f in zip(views, _flat(scale.to(out.dtype), views)):
             for j in range(v.shape[2]):
-                acc.addcmul_(v[:, :, j], f[:, :, j])
+                total.addcmul_(v[:, :, j], f[:, :, j])
 
         ctx.save_for_backward(weight, keep, mean, invstd, *parts)
         ctx.groups = groups
