@@ -54,6 +54,11 @@ def _flat(values: Tensor, views: Sequence[Tensor]) -> list[Tensor]:
     return [t.view(len(values), *v.shape[1:4], 1) for t, v in zip(values.split(sizes, dim=1), views)]
 
 
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to do arithmetic in: float32 for the half types autocast gives, else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _sum_of_squares(v: Tensor, acc: torch.dtype) -> Tensor:
     """``(v * v).sum(-1)`` without a squared copy, on the faster kernel for ``v``'s strides."""
     if v.stride(-1) == 1:  # NCHW: rows are contiguous
@@ -95,11 +100,15 @@ class _BranchNormSum(torch.autograd.Function):
         shift = keep * (bias - mean * weight * invstd)
 
         out = torch.empty_like(parts[-1])  # the conv outputs' layout
-        total = _branch_view(out, groups, out_ch)[:, :, 0]  # (n, g, cg, hw), written through
+        out_view = _branch_view(out, groups, out_ch)[:, :, 0]  # (n, g, cg, hw), written through
+        opmath = _opmath(out.dtype)  # half types (autocast): sum in float32, round once
+        total = out_view if opmath == out.dtype else torch.empty_like(out_view, dtype=opmath)
         total.copy_(sum(t.sum(2) for t in _flat(shift, views)))
-        for v, f in zip(views, _flat(scale.to(out.dtype), views)):
+        for v, f in zip(views, _flat(scale.to(opmath), views)):
             for j in range(v.shape[2]):
                 total.addcmul_(v[:, :, j], f[:, :, j])
+        if total is not out_view:
+            out_view.copy_(total)
 
         ctx.save_for_backward(weight, keep, mean, invstd, *parts)
         ctx.groups = groups
@@ -117,8 +126,10 @@ class _BranchNormSum(torch.autograd.Function):
         dy = grad_out.reshape(n, groups, 1, out_ch // groups, h * w)  # any strides autograd hands us
         size = n * h * w
 
+        opmath = _opmath(views[0].dtype)  # half types (autocast): float32 arithmetic
+        dy = dy.to(opmath)
         dy_sum = _to_channels([dy.sum(-1, dtype=acc)] * len(views), views)  # (n, channels)
-        dy_z = torch.cat([(v * dy).sum(-1, dtype=acc).flatten(1) for v in views], 1)
+        dy_z = torch.cat([(v.to(opmath) * dy).sum(-1, dtype=acc).flatten(1) for v in views], 1)
         grad_bias = (keep * dy_sum).sum(0).to(weight.dtype)
         grad_weight = invstd * ((keep * dy_z).sum(0).to(weight.dtype) - mean * grad_bias)
         # BN's input gradient, dz = p * dy + q * z + r, written over the saved z.
@@ -126,9 +137,11 @@ class _BranchNormSum(torch.autograd.Function):
         q = -a * grad_weight * invstd / size
         r = -a * grad_bias / size - q * mean
         p = keep * a
-        dtype = views[0].dtype
-        for v, p_i, q_i, r_i in zip(views, *(_flat(t.to(dtype), views) for t in (p, q[None], r[None]))):
-            v.mul_(q_i).add_(r_i).addcmul_(dy, p_i)
+        for v, p_i, q_i, r_i in zip(views, *(_flat(t.to(opmath), views) for t in (p, q[None], r[None]))):
+            if v.dtype == opmath:
+                v.mul_(q_i).add_(r_i).addcmul_(dy, p_i)
+            else:  # one rounding to the half type
+                v.copy_(v.to(opmath).mul_(q_i).add_(r_i).addcmul_(dy, p_i))
         grads = [z.detach() for z in parts]
         return grad_weight, grad_bias, None, None, None, *grads
 

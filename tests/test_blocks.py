@@ -201,3 +201,29 @@ def test_compiled_block_matches_eager():
     for (name, p), q in zip(block.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=name)
     torch.testing.assert_close(block.bn.running_var, eager.bn.running_var, rtol=1e-10, atol=0)
+
+
+def test_block_under_bfloat16_autocast_stays_close_to_float32():
+    """Under autocast the convolutions run in bfloat16; statistics and BN's gradient use
+    float32 arithmetic, so results stay within bfloat16's resolution (~4e-3) of float32."""
+    torch.manual_seed(0)
+    block = RSDConv(16, 16, 3, drop_rate=0.2).train()
+    low = copy.deepcopy(block)
+    x = torch.randn(8, 16, 12, 12).relu()
+    torch.manual_seed(1)
+    y = block(x)
+    y.square().mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(1)
+        y_low = low(x)
+    assert y_low.dtype == torch.bfloat16
+    y_low.float().square().mean().backward()
+
+    def rel(a, b):
+        return ((a - b.float()).norm() / a.norm()).item()
+
+    assert rel(y, y_low) < 1e-2
+    for (name, p), q in zip(block.named_parameters(), low.parameters()):
+        assert q.grad.dtype == torch.float32
+        assert rel(p.grad, q.grad) < 1e-2, name
+    torch.testing.assert_close(low.bn.running_var, block.bn.running_var, rtol=1e-2, atol=1e-3)
