@@ -11,6 +11,9 @@ hits all alike; we report medians and ratios. Goal (issue 2): the fast block at 
   the sum of their outputs, no BatchNorm and no drop. It does the same convolutions as
   the fast block and nothing else the method needs, so its step time bounds what any
   implementation built on these convolutions can reach;
+* conv_stats: conv_only plus the one read of every branch output that BatchNorm's batch
+  statistics need (computed exactly as the fused op does), without normalising,
+  dropping or BN's backward: a tighter bound;
 * plain: the conv+BN network the RSD form trains in place of.
 
 Both RSD networks do the same floating-point work (counted with ``torch.utils.flop_counter``).
@@ -41,6 +44,7 @@ from reference import to_reference  # noqa: E402
 
 import rsd_deploy  # noqa: E402
 from rsd_deploy import RSDConv, set_branch_drop  # noqa: E402
+from rsd_deploy.branch_norm import _branch_view, _moments  # noqa: E402
 from rsd_deploy.io import atomic_path, write_json  # noqa: E402
 from rsd_deploy.models import create  # noqa: E402
 
@@ -63,12 +67,20 @@ def _convolutions_and_sum(block: RSDConv, x: torch.Tensor) -> torch.Tensor:
     return sum(square.split(block.out_channels, dim=1), vertical + horizontal)
 
 
-def conv_only(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``model`` whose RSD blocks only convolve and sum (no BN, no drop)."""
+def _convolutions_statistics_and_sum(block: RSDConv, x: torch.Tensor) -> torch.Tensor:
+    parts = block._conv_outputs(x, None)
+    with torch.no_grad():  # the batch statistics, computed exactly as the fused op does
+        _moments([_branch_view(z, block.groups, block.out_channels) for z in parts])
+    square, vertical, horizontal = parts
+    return sum(square.split(block.out_channels, dim=1), vertical + horizontal)
+
+
+def bound_network(model: torch.nn.Module, forward) -> torch.nn.Module:
+    """A copy of ``model`` whose RSD blocks run ``forward`` (a bound: no BN, no drop)."""
     bound = copy.deepcopy(model)
     for m in bound.modules():
         if isinstance(m, RSDConv):
-            m.forward = types.MethodType(_convolutions_and_sum, m)
+            m.forward = types.MethodType(forward, m)
     return bound
 
 
@@ -92,7 +104,8 @@ def main() -> None:
     nets = {
         "fast": fast,
         "reference": to_reference(fast).train(),
-        "conv_only": conv_only(fast).train(),
+        "conv_only": bound_network(fast, _convolutions_and_sum).train(),
+        "conv_stats": bound_network(fast, _convolutions_statistics_and_sum).train(),
         "plain": create(args.model, num_classes=100, form="plain").train(),
     }
     x = torch.randn(args.batch, 3, 32, 32)
@@ -109,6 +122,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     gflops = {k: step_gflops(net, x, y) for k, net in nets.items()}
     bound = med["reference"] / med["conv_only"]
+    bound_stats = med["reference"] / med["conv_stats"]
     result = {
         "benchmark": "rsd block training step (forward + backward)",
         "model": args.model,
@@ -127,6 +141,7 @@ def main() -> None:
         "goal_speedup": 1.3,
         "step_gflops": gflops,
         "bound_speedup_conv_only_vs_reference": bound,
+        "bound_speedup_conv_stats_vs_reference": bound_stats,
         "times_s": times,
     }
     result["goal_met"] = result["speedup_fast_vs_reference"] >= 1.3
@@ -142,8 +157,9 @@ def main() -> None:
         f"FLOPs per step (forward + backward): fast {gflops['fast']:.1f} G, reference "
         f"{gflops['reference']:.1f} G, plain {gflops['plain']:.1f} G ({gflops['fast'] / gflops['plain']:.2f}x)  \n"
         f"Bound: the same convolutions and the branch sum alone (conv_only, no BN, no drop) are "
-        f"**{bound:.2f}x** faster than the reference; the fast block reaches "
-        f"{100 * (med['reference'] / med['fast'] - 1) / max(bound - 1, 1e-9):.0f}% of that headroom\n"
+        f"**{bound:.2f}x** faster than the reference, and **{bound_stats:.2f}x** with the one read of the "
+        f"branch outputs that batch statistics need (conv_stats); the fast block reaches "
+        f"{100 * (med['reference'] / med['fast'] - 1) / max(bound - 1, 1e-9):.0f}% of the first headroom\n"
     )
     stem = f"block_speed_{args.model}_b{args.batch}_drop{args.drop}" + ("_cl" if args.channels_last else "")
     write_json(args.out / f"{stem}.json", result)
