@@ -59,11 +59,11 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _sum_of_squares(v: Tensor, acc: torch.dtype) -> Tensor:
+def _sum_of_squares(v: Tensor) -> Tensor:
     """``(v * v).sum(-1)`` without a squared copy, on the faster kernel for ``v``'s strides."""
     if v.stride(-1) == 1:  # NCHW: rows are contiguous
-        return torch.linalg.vector_norm(v, dim=-1, dtype=acc).square_()
-    return torch.linalg.vecdot(v, v, dim=-1).to(acc)  # channels-last (the norm is ~10x slower there)
+        return torch.linalg.vector_norm(v, dim=-1, dtype=_opmath(v.dtype)).square_()
+    return torch.linalg.vecdot(v, v, dim=-1).to(_opmath(v.dtype))  # channels-last (the norm is ~10x slower there)
 
 
 def _moments(views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -74,9 +74,8 @@ def _moments(views: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     against its spread; the caller's convolutions subtract a running estimate of the
     mean (the shifted-data algorithm), which keeps that ratio small.
     """
-    acc = torch.float64 if views[0].dtype == torch.float64 else torch.float32
-    sums = torch.cat([v.sum(-1, dtype=acc).flatten(1) for v in views], 1)
-    squares = torch.cat([_sum_of_squares(v, acc).flatten(1) for v in views], 1)
+    sums = torch.cat([v.sum(-1, dtype=_opmath(v.dtype)).flatten(1) for v in views], 1)
+    squares = torch.cat([_sum_of_squares(v).flatten(1) for v in views], 1)
     size = sums.shape[0] * views[0].shape[-1]
     mean = sums.double().sum(0) / size
     var = (squares.double().sum(0) / size - mean.square()).clamp_min(0.0)
@@ -121,15 +120,14 @@ class _BranchNormSum(torch.autograd.Function):
         weight, keep, mean, invstd, *parts = ctx.saved_tensors
         groups, out_ch = ctx.groups, grad_out.shape[1]
         views = [_branch_view(z, groups, out_ch) for z in parts]
-        acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
         n, _, h, w = grad_out.shape
         dy = grad_out.reshape(n, groups, 1, out_ch // groups, h * w)  # any strides autograd hands us
         size = n * h * w
 
         opmath = _opmath(views[0].dtype)  # half types (autocast): float32 arithmetic
         dy = dy.to(opmath)
-        dy_sum = _to_channels([dy.sum(-1, dtype=acc)] * len(views), views)  # (n, channels)
-        dy_z = torch.cat([(v.to(opmath) * dy).sum(-1, dtype=acc).flatten(1) for v in views], 1)
+        dy_sum = _to_channels([dy.sum(-1)] * len(views), views)  # (n, channels)
+        dy_z = torch.cat([(v.to(opmath) * dy).sum(-1).flatten(1) for v in views], 1)
         grad_bias = (keep * dy_sum).sum(0).to(weight.dtype)
         grad_weight = invstd * ((keep * dy_z).sum(0).to(weight.dtype) - mean * grad_bias)
         # BN's input gradient, dz = p * dy + q * z + r, written over the saved z.
