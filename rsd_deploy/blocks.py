@@ -289,7 +289,7 @@ class RSDConv(Reparameterizable):
             # Batch statistics: BN, drop and sum as one op (rsd_deploy.branch_norm). The
             # convolutions subtract the running mean through their bias, which BN does not
             # see and which keeps the one-pass variance accurate.
-            shift = None if bn.running_mean is None else bn.running_mean.detach().clone()
+            shift = bn.running_mean  # branch_norm_sum reads it before updating it
             outputs = self._conv_outputs(x, None if shift is None else -shift)
             return branch_norm_sum(outputs, bn, self.groups, mask, shift)
         outputs = self._conv_outputs(x, None if bn is not None else self._bias_in_bn_order())
