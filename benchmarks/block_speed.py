@@ -62,17 +62,20 @@ def step_gflops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> flo
     return counter.get_total_flops() / 1e9
 
 
-def _convolutions_and_sum(block: RSDConv, x: torch.Tensor) -> torch.Tensor:
-    square, vertical, horizontal = block._conv_outputs(x, None)  # the fast block's own convs
+def _branch_sum(block: RSDConv, parts: list[torch.Tensor]) -> torch.Tensor:
+    square, vertical, horizontal = parts
     return sum(square.split(block.out_channels, dim=1), vertical + horizontal)
+
+
+def _convolutions_and_sum(block: RSDConv, x: torch.Tensor) -> torch.Tensor:
+    return _branch_sum(block, block._conv_outputs(x, None))  # the fast block's own convs
 
 
 def _convolutions_statistics_and_sum(block: RSDConv, x: torch.Tensor) -> torch.Tensor:
     parts = block._conv_outputs(x, None)
     with torch.no_grad():  # the batch statistics, computed exactly as the fused op does
         _moments([_branch_view(z, block.groups, block.out_channels) for z in parts])
-    square, vertical, horizontal = parts
-    return sum(square.split(block.out_channels, dim=1), vertical + horizontal)
+    return _branch_sum(block, parts)
 
 
 def bound_network(model: torch.nn.Module, forward) -> torch.nn.Module:
