@@ -186,6 +186,17 @@ def _csv(kind):
 @click.option("--lr-milestones", callback=_csv(int), default="", show_default=True,
               help="Epochs at which the learning rate is multiplied by --lr-gamma, e.g. 150,180,210.")
 @click.option("--lr-gamma", type=float, default=0.1, show_default=True)
+@click.option("--schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True,
+              help="step: x --lr-gamma at each milestone; cosine: down to 0 at the end of the last epoch.")
+@click.option("--warmup-epochs", type=float, default=0.0, show_default=True,
+              help="Linear learning-rate warm-up over this many epochs (fractions allowed).")
+@click.option("--clip-grad-norm", type=float, default=None,
+              help="Clip the global gradient norm to this value [default: no clipping].")
+@click.option("--precise-bn", type=int, default=0, show_default=True,
+              help="Re-estimate BatchNorm statistics over this many clean training batches before "
+                   "every evaluation and before the weights are written (0: off).")
+@click.option("--collapse-guard/--no-collapse-guard", default=True, show_default=True,
+              help="Stop a run whose network has collapsed (chance accuracy, maximum-entropy loss).")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

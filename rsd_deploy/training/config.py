@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from .rsd import LOSS_TERMS, RSDObjective
 
 METHODS = ("rsd", "baseline")
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("step", "cosine")
 
 
 @dataclass
@@ -37,14 +39,24 @@ class TrainConfig:
     input_size: int | None = None
     train_samples: int | None = None  #: train on an evenly spread subset of this size (smoke runs)
     val_samples: int | None = None  #: validate on an evenly spread subset of this size (smoke runs)
-    # Schedule (SGD with momentum, lr multiplied by lr_gamma at each milestone epoch).
+    # Schedule: SGD with momentum; "step" multiplies the lr by lr_gamma at each milestone
+    # epoch, "cosine" anneals it to 0 over the epochs after the warm-up. Both start with a
+    # linear warm-up over warmup_epochs (fractions allowed) when it is positive.
     epochs: int = 3
     batch_size: int = 64  #: per process; the effective batch is this times the world size
-    lr: float = 0.01  #: the paper uses 0.05 (see the recipes); RSD diverges at 0.05 on digits
+    lr: float = 0.01  #: the paper uses 0.05 (see the recipes)
+    schedule: str = "step"
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    clip_grad_norm: float | None = None  #: clip the global gradient norm to this value
+    #: Before every evaluation and before the weights are written, re-estimate BatchNorm
+    #: statistics over this many clean (teacher: no drop, no mixture) training batches.
+    precise_bn: int = 0
+    #: Stop a run whose network has collapsed (chance accuracy, maximum-entropy loss).
+    collapse_guard: bool = True
     seed: int = 0
     max_steps: int | None = None  #: stop after this many optimizer steps
     # RSD.
@@ -67,6 +79,7 @@ class TrainConfig:
         _choice("method", self.method, METHODS)
         _choice("data", self.data, DATASETS)
         _choice("device", self.device, DEVICES)
+        _choice("schedule", self.schedule, SCHEDULES)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise RSDError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
@@ -80,6 +93,14 @@ class TrainConfig:
             raise RSDError("--lr and --lr-gamma must be positive")
         if self.momentum < 0 or self.weight_decay < 0:
             raise RSDError("--momentum and --weight-decay must be >= 0")
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise RSDError(f"--warmup-epochs must be a number >= 0 (got {self.warmup_epochs})")
+        if self.clip_grad_norm is not None and not (
+            math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0
+        ):
+            raise RSDError(f"--clip-grad-norm must be a positive number (got {self.clip_grad_norm})")
+        if self.precise_bn < 0:
+            raise RSDError(f"--precise-bn must be >= 0 batches (got {self.precise_bn})")
         if sorted(self.lr_milestones) != list(self.lr_milestones) or any(
             m < 1 for m in self.lr_milestones
         ):
@@ -102,9 +123,24 @@ class TrainConfig:
             return self.input_size
         return 16 if self.data == "digits" else models.get_spec(self.model).input_size
 
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of (0-based) ``epoch``: multi-step decay at the milestone epochs."""
-        return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.lr_milestones)
+    def lr_at(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+        """Learning rate of optimizer step ``step`` (0-based) of the 0-based ``epoch``.
+
+        Linear warm-up over the first ``warmup_epochs`` (step ``s`` of ``W`` warm-up steps
+        gets ``(s + 1) / W`` of the rate), then the schedule: multi-step decay at the
+        milestone epochs, or a cosine from ``lr`` down to 0 at the end of the last epoch.
+        """
+        done = epoch + step / steps_per_epoch  # epochs completed when this step starts
+        if self.schedule == "cosine":
+            warm = min(self.warmup_epochs, self.epochs)
+            t = min(max((done - warm) / max(self.epochs - warm, 1e-12), 0.0), 1.0)
+            lr = self.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+        else:
+            lr = self.lr * self.lr_gamma ** sum(epoch >= m for m in self.lr_milestones)
+        warmup_steps = self.warmup_epochs * steps_per_epoch
+        if warmup_steps > 0:
+            lr *= min(1.0, (epoch * steps_per_epoch + step + 1) / warmup_steps)
+        return lr
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,13 +163,14 @@ class TrainConfig:
 
 
 _OPTIONAL_INT = {"input_size", "train_samples", "val_samples", "max_steps"}
+_OPTIONAL_FLOAT = {"clip_grad_norm"}
 _OPTIONAL_STR = {"data_dir"}
 
 
 def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
     bad = RSDError(f"{source}: {name} = {value!r} has the wrong type")
     if value is None:
-        if name in _OPTIONAL_INT or name in _OPTIONAL_STR:
+        if name in _OPTIONAL_INT or name in _OPTIONAL_FLOAT or name in _OPTIONAL_STR:
             return None
         raise bad
     if name in _OPTIONAL_INT or isinstance(default, int) and not isinstance(default, bool):
@@ -144,7 +181,7 @@ def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
         if not isinstance(value, bool):
             raise bad
         return value
-    if isinstance(default, float):
+    if name in _OPTIONAL_FLOAT or isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import platform
 import sys
 import time
@@ -34,6 +35,7 @@ from . import checkpoint, distributed
 from .config import TrainConfig
 from .evaluation import autocast, evaluate
 from .plots import plot_curves
+from .precise_bn import update_bn_stats
 from .rsd import CEStep, RSDStep
 
 METRICS_FILE = "metrics.jsonl"
@@ -95,6 +97,23 @@ def _train_loader(ds: Dataset, config: TrainConfig, ctx: distributed.Context, ep
     )
 
 
+def _precise_bn(model: nn.Module, ds: Dataset, config: TrainConfig, device: torch.device, epoch: int) -> None:
+    """Re-estimate BN statistics over ``config.precise_bn`` clean training batches of ``epoch``.
+
+    The batches and their augmentations are drawn from generators of their own, derived
+    from ``(seed, epoch)``, so the estimate depends only on the weights and the epoch (a
+    resumed run re-estimates from the same images) and training's random draws are untouched.
+    """
+    seed = _seed_for(config, epoch, rank=2**20)
+    loader = DataLoader(ds, batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed),
+                        num_workers=config.workers, drop_last=True)
+    # Augmentations in this process draw from the global generator: seed it, and leave the
+    # training's generator as it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        update_bn_stats(model, loader, config.precise_bn, device)
+
+
 # Run directory ---------------------------------------------------------------------------
 
 
@@ -136,6 +155,40 @@ def _write_epoch(run_dir: Path, *, model: nn.Module, meta: dict[str, Any],
 
 class _NonFinite(Exception):
     pass
+
+
+#: A whole epoch's mean loss within this fraction of its maximum-entropy value counts as
+#: "at" it: a collapsed network predicts the label frequencies, a hair under uniform.
+COLLAPSE_LOSS_FRACTION = 0.97
+#: Training accuracy at most this multiple of 1 / classes counts as chance level.
+COLLAPSE_ACC_FACTOR = 1.5
+#: The guard judges an epoch only after the first epoch and after this many optimizer
+#: steps in all: a smoke run of a few steps has not had the time to leave chance level.
+COLLAPSE_MIN_STEPS = 50
+
+
+def _max_entropy_loss(config: TrainConfig, num_classes: int) -> float | None:
+    """The loss of a network that outputs the same distribution for every image, or None.
+
+    Each cross-entropy term is then ``ln C`` at best; the KL terms are 0. None when no
+    cross-entropy term is active (nothing to compare against).
+    """
+    if config.method != "rsd":
+        return math.log(num_classes)
+    ce_terms = [t for t in config.objective().active_terms if t.startswith("ce_")]
+    return config.alpha * len(ce_terms) * math.log(num_classes) if ce_terms else None
+
+
+def _collapse(record: dict[str, Any], num_classes: int, ceiling: float | None) -> str | None:
+    """What shows that the network has collapsed during the epoch of ``record``, or None."""
+    if ceiling is None or ceiling <= 0:
+        return None
+    chance = 1.0 / num_classes
+    if record["train_acc"] <= COLLAPSE_ACC_FACTOR * chance and record["loss"] >= COLLAPSE_LOSS_FRACTION * ceiling:
+        return (f"training accuracy {100 * record['train_acc']:.1f}% (chance {100 * chance:.1f}%) and "
+                f"mean loss {record['loss']:.3f}, at its maximum-entropy value {ceiling:.3f}, "
+                f"for the whole epoch")
+    return None
 
 
 def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
@@ -219,13 +272,11 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
         f"{len(train_ds)} images, {steps_per_epoch} steps/epoch, effective batch {effective} "
         f"({ctx.world_size} process{'es' if ctx.world_size > 1 else ''}), {ctx.device}")
 
+    ceiling = _max_entropy_loss(config, info.num_classes)
     trained = 0
     for epoch in range(start_epoch, config.epochs):
         if config.max_steps is not None and global_step >= config.max_steps:
             break
-        lr = config.lr_at(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         torch.manual_seed(_seed_for(config, epoch, ctx.rank))
         try:
             record, global_step, complete = _train_epoch(
@@ -233,13 +284,22 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
                 config, ctx, epoch, global_step, steps_per_epoch, quiet,
             )
         except _NonFinite as e:
-            last = f"the run directory still holds epoch {epoch}" if epoch else "nothing was saved"
-            raise RSDError(f"{e}; training stopped ({last}, intact in {run_dir})") from None
+            raise RSDError(f"{e}; training stopped ({_kept(run_dir, epoch)})") from None
+        judged = config.collapse_guard and complete and epoch > 0 and global_step >= COLLAPSE_MIN_STEPS
+        seen = _collapse(record, info.num_classes, ceiling) if judged else None
+        if seen:
+            raise RSDError(
+                f"the network collapsed in epoch {epoch + 1}: {seen}; training stopped "
+                f"({_kept(run_dir, epoch)}). Try a lower learning rate, a learning-rate warm-up "
+                "or gradient-norm clipping (or turn the collapse guard off)"
+            )
         trained += 1
+        if ctx.is_main and config.precise_bn:
+            _precise_bn(model, train_ds, config, ctx.device, epoch)
         distributed.broadcast_buffers(ctx, model)
         if ctx.is_main:
             val = evaluate(model, val_loader, ctx.device, amp=config.amp)
-            record.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"], lr=lr)
+            record.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"])
             history.append(record)
             meta["metrics"] = dict(record, epochs_completed=epoch + 1 if complete else epoch)
             _write_epoch(run_dir, model=model, meta=meta, history=history)
@@ -260,6 +320,11 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
         say(f"run: {run_dir}")
         say(f"next: rsd-deploy fuse-export {run_dir} --onnx")
     return run_dir
+
+
+def _kept(run_dir: Path, epoch: int) -> str:
+    """What a run stopped during (0-based) ``epoch`` still has on disk."""
+    return f"the run directory still holds epoch {epoch}, intact in {run_dir}" if epoch else "nothing was saved"
 
 
 def _run_meta(config: TrainConfig, info: DataInfo, form: str, ctx: distributed.Context) -> dict[str, Any]:
@@ -299,10 +364,16 @@ def _train_epoch(step_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
                disable=quiet or not ctx.is_main, dynamic_ncols=True, file=sys.stderr)
     images = 0
+    lr = config.lr_at(epoch, 0, steps_per_epoch)
+    grad_norms: list[Tensor] = []
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, (x, y) in enumerate(loader):
         if config.max_steps is not None and global_step >= config.max_steps:
             complete = False
             break
+        lr = config.lr_at(epoch, i, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast(device, config.amp):
             out = step_fn(x, y)
@@ -315,6 +386,9 @@ def _train_epoch(step_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
                              f"(optimizer step {global_step + 1})")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(out.loss).backward()
+        if config.clip_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, config.clip_grad_norm).detach())
         scaler.step(optimizer)
         scaler.update()
         global_step += 1
@@ -349,6 +423,10 @@ def _train_epoch(step_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     }
     if config.method == "rsd":
         record["train_acc_student"] = float(sums[3]) / n
-    record.update(epoch_time=elapsed, images_per_sec=float(sums[1]) / max(elapsed, 1e-9),
+    if grad_norms:  # gradient norms before clipping
+        norms = torch.stack(grad_norms).float()
+        record.update(grad_norm_mean=float(norms.mean()), grad_norm_max=float(norms.max()),
+                      clipped_fraction=float((norms > config.clip_grad_norm).float().mean()))
+    record.update(lr=lr, epoch_time=elapsed, images_per_sec=float(sums[1]) / max(elapsed, 1e-9),
                   complete=complete)
     return record, global_step, complete
