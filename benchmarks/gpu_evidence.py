@@ -39,7 +39,7 @@ it checks the code path, its figures mean nothing.
 
     python benchmarks/gpu_evidence.py --out gpu-evidence
     python benchmarks/gpu_evidence.py --out gpu-evidence --settings '{"lr": 0.02}' --seeds 0 1
-    python benchmarks/gpu_evidence.py --tiny --out /tmp/evidence     # CPU dry run, < 1 minute
+    python benchmarks/gpu_evidence.py --tiny --out /tmp/evidence     # CPU dry run of every section
 """
 
 from __future__ import annotations
