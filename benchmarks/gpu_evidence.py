@@ -8,10 +8,11 @@ command stays under ``--total-s`` (default 500 s, so well under 9 minutes):
 
 * ``accuracy`` (280 s): RSD against the plain baseline on cifar10-mini (ImageFolder at
   ``--data-dir``), resnet20, 32x32, same settings, epochs and seeds, every run a
-  process of its own on the one GPU. One epoch of every run is timed first (the probe);
-  the number of epochs that fits the rest of the budget (at most ``--max-epochs``) is
-  then trained from scratch, and a run that would overrun stops after its last epoch
-  that fits. Per-epoch validation top-1 for each method and seed, last-epoch top-1 mean
+  process of its own on the one GPU. Two epochs of every run are timed first (the
+  probe: the second epoch's wall time, evaluation included, and the start-up before the
+  first); the number of epochs that fits the rest of the budget (at most
+  ``--max-epochs``) is then trained from scratch, and a run that would overrun stops
+  after its last epoch that fits. Per-epoch validation top-1 for each method and seed, last-epoch top-1 mean
   and spread, time per epoch. ``--settings`` (a JSON object or file) holds the training
   settings both methods share (TrainConfig keys: lr, schedule, warmup_epochs, ...), with
   optional ``"rsd": {...}`` / ``"baseline": {...}`` objects for one method only and
@@ -34,7 +35,7 @@ failed (CUDA tests that ran and failed) or error (the section itself broke; its
 traceback is recorded and the next section still runs). Exit status 1 when a section
 failed or broke, 2 on a bad option or setting
 (checked before anything runs), else 0. ``--tiny`` runs every section on the CPU with
-tiny sizes (resnet20 at 16x16 on 16 images, two epochs after the probe, batch 4 steps):
+tiny sizes (resnet20 at 16x16 on 16 images, three epochs after the probe, batch 4 steps):
 it checks the code path, its figures mean nothing.
 
     python benchmarks/gpu_evidence.py --out gpu-evidence
@@ -84,6 +85,10 @@ SECTIONS = ("accuracy", "cuda_tests", "latency", "rsd_step")
 BUDGETS_S = {"accuracy": 280.0, "cuda_tests": 50.0, "latency": 90.0, "rsd_step": 50.0}
 TINY_BUDGETS_S = {"accuracy": 60.0, "cuda_tests": 40.0, "latency": 15.0, "rsd_step": 30.0}
 TOTAL_S = 500.0
+PROBE_EPOCHS = 2  #: the first epoch holds the start-up; the second times an epoch
+#: The probe's second epoch may run with fewer neighbours (the fast baseline runs done):
+#: the plan assumes epochs this much slower.
+EPOCH_SAFETY = 1.2
 MIN_SECTION_S = 5.0  #: a section with less time than this left is skipped
 KILL_GRACE_S = 10.0  #: training processes still alive this long after their budget are killed
 METHODS = ("baseline", "rsd")
@@ -172,6 +177,17 @@ def method_configs(settings: dict[str, Any], base: dict[str, Any], epochs: int) 
         values.update(base, method=method, epochs=epochs)
         configs[method] = TrainConfig.from_dict(values, "--settings").validate()
     return configs
+
+
+def probe_timing(reports: list[dict[str, Any]]) -> tuple[float, float]:
+    """``(seconds per epoch, start-up seconds of a run)`` from the probe: each the largest of any run.
+
+    A run's epoch is timed by its last epoch (evaluation and files included); its
+    start-up is what its first epoch took beyond that (data, model, first calls).
+    """
+    epoch_s = max(epoch_walls(r)[-1] for r in reports)
+    setup_s = max(r["epoch_ends"][0] - r["start"] - epoch_walls(r)[-1] for r in reports)
+    return epoch_s, max(0.0, setup_s)
 
 
 def plan_epochs(seconds_left: float, epoch_s: float, cap: int) -> int:
@@ -301,30 +317,39 @@ def section_accuracy(ctx: Context) -> dict[str, Any]:
         configs = method_configs(settings, base, epochs)
         return {n: (configs[m].update({"seed": s}).to_json(), str(root / n)) for n, (m, s) in names.items()}
 
-    # Probe: one epoch of every run, side by side as the real runs will train; the
-    # first epoch's wall time (start-up included: an over-estimate) sets the epochs.
-    probes = jobs(1, ctx.work / "probe")
+    # Probe: a short run of every run, side by side as the real runs will train, times
+    # an epoch and a run's start-up; the real runs get as many epochs as then fit.
+    probe_epochs = min(PROBE_EPOCHS, args.max_epochs)
+    probes = jobs(probe_epochs, ctx.work / "probe")
     children = Runs(probes, ctx.deadline, threads=1)
+    epoch_s = setup_s = 0.0
     try:
         probe = children.collect({n: out for n, (_, out) in probes.items()})
         failed = {n: r["status"] for n, r in probe.items() if r["status"] != "finished"}
-        epoch_s = max((r["epoch_ends"][0] - r["start"] for r in probe.values() if r["epoch_ends"]), default=0.0)
-        epochs = 0 if failed else plan_epochs(ctx.deadline - time.time(), epoch_s, args.max_epochs)
+        if not failed:
+            epoch_s, setup_s = probe_timing(list(probe.values()))
+        left = ctx.deadline - time.time() - setup_s
+        epochs = 0 if failed else plan_epochs(left, EPOCH_SAFETY * epoch_s, args.max_epochs)
         if ctx.tiny and not failed:  # always through the second phase, which the GPU run needs
             epochs = args.max_epochs
-        real = jobs(epochs, ctx.work / "runs") if epochs > 1 else {}
+        real = jobs(epochs, ctx.work / "runs") if epochs > probe_epochs else {}
         children.send(real)
         runs = children.collect({n: out for n, (_, out) in real.items()}) if real else probe
     finally:
         children.close()
     if failed:
-        raise RuntimeError(f"the probe epoch failed: {failed}")
-    epochs = epochs if real else 1  # one epoch fits: the probe's 1-epoch runs are the experiment
+        raise RuntimeError(f"the probe failed: {failed}")
+    epochs = epochs if real else probe_epochs  # no more fits: the probe runs are the experiment
     root = ctx.work / ("runs" if real else "probe")
     startup_s = max(r["start"] - r["launched"] for r in probe.values())
     histories = {m: {s: runs[_run_name(m, s)]["history"] for s in seeds} for m in METHODS}
     configs = method_configs(settings, base, epochs)
-    summary = accuracy.summarize(histories, epochs)
+    # Every method and seed compared at the same epoch: the last that all runs finished.
+    compared = min(len(h) for by_seed in histories.values() for h in by_seed.values())
+    if compared == 0:
+        raise RuntimeError(f"a run finished no epoch: { {n: r['status'] for n, r in runs.items()} }")
+    summary = accuracy.summarize({m: {s: h[:compared] for s, h in by_seed.items()}
+                                  for m, by_seed in histories.items()}, compared)
     for method, s in summary.items():
         last = list(s["last_top1_per_seed"].values())
         s["last_top1_range"] = [min(last), max(last)] if last else None
@@ -333,12 +358,13 @@ def section_accuracy(ctx: Context) -> dict[str, Any]:
     result = {
         "benchmark": "accuracy", "data": f"imagefolder {data_dir}", "seeds": seeds,
         "complete": all(len(h) >= epochs for by_seed in histories.values() for h in by_seed.values()),
-        "epochs_planned": epochs, "max_epochs": args.max_epochs,
+        "epochs_planned": epochs, "compared_at_epoch": compared, "max_epochs": args.max_epochs,
         "epochs_run": {n: len(r["history"]) for n, r in runs.items()},
         "run_status": {n: r["status"] for n, r in runs.items()},
         "parallel_runs": len(names), "settings": settings,
-        "probe": {"first_epoch_wall_s": round(epoch_s, 2), "process_startup_s": round(startup_s, 2),
-                  "epoch_time_s": {n: r["history"][0]["epoch_time"] for n, r in probe.items() if r["history"]}},
+        "probe": {"epochs": probe_epochs, "epoch_wall_s": round(epoch_s, 2), "run_setup_s": round(setup_s, 2),
+                  "process_startup_s": round(startup_s, 2),
+                  "epoch_time_s": {n: [e["epoch_time"] for e in r["history"]] for n, r in probe.items()}},
         "config": configs["rsd"].to_json(), "configs": {m: c.to_json() for m, c in configs.items()},
         "summary": summary,
         "val_top1_per_epoch": {m: {str(s): [round(100 * e["val_top1"], 2) for e in h] for s, h in by_seed.items()}
@@ -349,7 +375,9 @@ def section_accuracy(ctx: Context) -> dict[str, Any]:
     }
     write_json(ctx.out / "accuracy.json", result)
     with atomic_path(ctx.out / "accuracy.md") as tmp:
-        tmp.write_text(accuracy.to_markdown(result) + "\n" + _epoch_table(result) + "\n")
+        note = "" if result["complete"] else f"Some runs stopped early ({result['run_status']}): " \
+            f"every run is compared at epoch {compared}, the last that all finished.\n\n"
+        tmp.write_text(accuracy.to_markdown(result) + "\n" + note + _epoch_table(result) + "\n")
     for name in runs:  # the figures, not the weights
         dst = ctx.out / "accuracy_runs" / name
         dst.mkdir(parents=True, exist_ok=True)
@@ -358,7 +386,8 @@ def section_accuracy(ctx: Context) -> dict[str, Any]:
                 shutil.copy2(root / name / f, dst / f)
     del result["histories"]  # in accuracy.json; evidence.json keeps the per-epoch top-1
     status = "ok" if result["complete"] else "partial"
-    reason = None if result["complete"] else f"some runs stopped early: {result['run_status']}"
+    reason = None if result["complete"] else (f"some runs stopped early, all compared at epoch {compared} of "
+                                              f"{epochs}: {result['run_status']}")
     return {"status": status, "reason": reason, "result": result}
 
 
@@ -525,7 +554,9 @@ def _figures(name: str, s: dict[str, Any]) -> str:
     if not r:
         return s.get("reason") or ""
     if name == "accuracy":
-        parts = [f"{r['config']['model']}, {r['epochs_planned']} epochs x {len(r['seeds'])} seeds:"]
+        at = r["compared_at_epoch"]
+        epochs = f"{at} epochs" if at == r["epochs_planned"] else f"epoch {at} of {r['epochs_planned']}"
+        parts = [f"{r['config']['model']}, {epochs} x {len(r['seeds'])} seeds:"]
         for m in METHODS:
             v = r["summary"][m]
             spread = f" ± {v['last_top1_std']:.2f}" if v["last_top1_std"] is not None else ""
@@ -604,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "cifar10-mini"))
     p.add_argument("--model", default="resnet20", help="accuracy: the architecture")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="accuracy: seeds [0 1 2; tiny: 0]")
-    p.add_argument("--max-epochs", type=int, default=None, help="accuracy: at most this many epochs [100; tiny: 2]")
+    p.add_argument("--max-epochs", type=int, default=None, help="accuracy: at most this many epochs [100; tiny: 3]")
     p.add_argument("--workers", type=int, default=None, help="accuracy: data loader processes per run [2; tiny: 0]")
     p.add_argument("--settings", default=None,
                    help="accuracy: training settings, a JSON object or a file holding one; it replaces "
@@ -612,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=None, help="where runs go [a temporary folder, removed]")
     args = p.parse_args(argv)
     args.seeds = args.seeds or ([0] if args.tiny else [0, 1, 2])
-    args.max_epochs = args.max_epochs or (2 if args.tiny else 100)
+    args.max_epochs = args.max_epochs or (3 if args.tiny else 100)
     args.workers = args.workers if args.workers is not None else (0 if args.tiny else 2)
     total = args.total_s or (sum(TINY_BUDGETS_S.values()) + 30 if args.tiny else TOTAL_S)
     try:

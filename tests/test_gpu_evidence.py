@@ -38,6 +38,13 @@ def test_milestones_scale_with_the_epochs_run(ev):
     assert ev.milestones([0.5, 0.75], 1) == []  # none inside a one-epoch run
 
 
+def test_probe_timing_takes_the_slowest_runs_steady_epoch_and_start_up(ev):
+    reports = [{"start": 100.0, "epoch_ends": [112.0, 120.0]},  # start-up 4 s, epoch 8 s
+               {"start": 100.0, "epoch_ends": [109.0, 111.0]}]  # start-up 7 s, epoch 2 s
+    assert ev.probe_timing(reports) == (8.0, 7.0)  # the slowest epoch, the longest start-up
+    assert ev.probe_timing([{"start": 0.0, "epoch_ends": [5.0]}]) == (5.0, 0.0)
+
+
 def test_plan_epochs_fits_the_budget(ev):
     assert ev.plan_epochs(200.0, 9.0, cap=100) == 22
     assert ev.plan_epochs(200.0, 1.0, cap=100) == 100
@@ -102,17 +109,18 @@ def test_tiny_dry_run_writes_every_figure(tmp_path):
     assert all(f"| {name} |" in md for name in sections)
 
     acc = sections["accuracy"]["result"]
-    assert acc["epochs_planned"] == 2 and acc["seeds"] == [0]
+    assert acc["epochs_planned"] == 3 and acc["seeds"] == [0] and acc["probe"]["epochs"] == 2
     for method in ("baseline", "rsd"):
         per_seed = acc["val_top1_per_epoch"][method]
         assert set(per_seed) == {"0"}
-        assert all(1 <= len(v) <= 2 and all(0 <= t <= 100 for t in v) for v in per_seed.values())
+        assert all(1 <= len(v) <= 3 and all(0 <= t <= 100 for t in v) for v in per_seed.values())
         s = acc["summary"][method]
         assert _finite_positive(s["epoch_time_median_s"]) and _finite_positive(s["epoch_wall_median_s"])
         if s["last_top1_mean"] is not None:  # None only when the budget stopped the run early
             assert 0 <= s["last_top1_mean"] <= 100 and s["last_top1_range"][0] == s["last_top1_range"][1]
-    assert _finite_positive(acc["probe"]["first_epoch_wall_s"])
-    assert acc["configs"]["rsd"]["input_size"] == 16 and acc["configs"]["rsd"]["epochs"] == 2
+    assert _finite_positive(acc["probe"]["epoch_wall_s"]) and acc["probe"]["run_setup_s"] >= 0
+    assert acc["configs"]["rsd"]["input_size"] == 16 and acc["configs"]["rsd"]["epochs"] == 3
+    assert acc["configs"]["rsd"]["lr_milestones"] == [2]  # the default fractions 0.5, 0.75 of 3 epochs
     for name in ("baseline-seed0", "rsd-seed0"):
         lines = (out / "accuracy_runs" / name / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == list(range(1, len(lines) + 1))
