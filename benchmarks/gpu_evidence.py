@@ -353,7 +353,7 @@ def section_accuracy(ctx: Context) -> dict[str, Any]:
     for method, s in summary.items():
         last = list(s["last_top1_per_seed"].values())
         s["last_top1_range"] = [min(last), max(last)] if last else None
-        walls = [w for n, r in runs.items() if n.startswith(method) for w in epoch_walls(r)]
+        walls = [w for n, r in runs.items() if names[n][0] == method for w in epoch_walls(r)]
         s["epoch_wall_median_s"] = round(statistics.median(walls), 2) if walls else None
     result = {
         "benchmark": "accuracy", "data": f"imagefolder {data_dir}", "seeds": seeds,
