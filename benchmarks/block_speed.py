@@ -87,6 +87,20 @@ def bound_network(model: torch.nn.Module, forward) -> torch.nn.Module:
     return bound
 
 
+def networks(model: str, drop: float) -> dict[str, torch.nn.Module]:
+    """The five networks compared, in training mode: fast, reference, the two bounds, plain."""
+    torch.manual_seed(0)
+    fast = create(model, num_classes=100, form="rsd").train()
+    set_branch_drop(fast, drop)
+    return {
+        "fast": fast,
+        "reference": to_reference(fast).train(),
+        "conv_only": bound_network(fast, _convolutions_and_sum).train(),
+        "conv_stats": bound_network(fast, _convolutions_statistics_and_sum).train(),
+        "plain": create(model, num_classes=100, form="plain").train(),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet32")
@@ -101,16 +115,7 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    fast = create(args.model, num_classes=100, form="rsd").train()
-    set_branch_drop(fast, args.drop)
-    nets = {
-        "fast": fast,
-        "reference": to_reference(fast).train(),
-        "conv_only": bound_network(fast, _convolutions_and_sum).train(),
-        "conv_stats": bound_network(fast, _convolutions_statistics_and_sum).train(),
-        "plain": create(args.model, num_classes=100, form="plain").train(),
-    }
+    nets = networks(args.model, args.drop)
     x = torch.randn(args.batch, 3, 32, 32)
     layout = "channels_last" if args.channels_last else "nchw"
     if args.channels_last:

@@ -40,13 +40,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_step(model_name: str, method: str, num_classes: int, x: torch.Tensor, y: torch.Tensor):
-    """The model and a closure running one optimizer step; RSD steps take the mix point."""
+    """The model and a closure running one optimizer step; RSD steps take the mix point.
+
+    The model and the mixture's permutation live on ``x``'s device.
+    """
     torch.manual_seed(0)
     form = "rsd" if method == "rsd" else "plain"
-    model = models.create(model_name, num_classes=num_classes, form=form).train()
+    model = models.create(model_name, num_classes=num_classes, form=form).train().to(x.device)
     step = RSDStep(model) if method == "rsd" else CEStep(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))
+    idx = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1)).to(x.device)
 
     def run(point: int | None = None) -> None:
         opt.zero_grad(set_to_none=True)

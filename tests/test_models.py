@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from rsd_deploy import RSDConv, RSDError, __version__
+from rsd_deploy import RSDConv, RSDError, __version__, fuse_model
 from rsd_deploy.blocks import ConvBN
 from rsd_deploy.cli import main
 from rsd_deploy.complexity import count_macs, count_params
@@ -78,11 +78,66 @@ def test_resnet_structures(name, block, per_stage, out_channels):
         assert model.stem[0].kernel_size == (7, 7)
 
 
-def test_vgg_and_densenet_structures():
-    vgg16, vgg19 = (create(n, num_classes=100, form="plain") for n in ("vgg16", "vgg19"))
-    conv_count = lambda m: sum(isinstance(x, ConvBN) for x in m.modules())
-    assert (conv_count(vgg16), conv_count(vgg19)) == (13, 16)
-    assert vgg16.head[-1].in_features == 512
+def _vgg_macs(groups: list[list[int]], sides: list[int], num_classes: int) -> int:
+    """Hand count: each 3x3 conv's in*out*9 multiply-adds at every pixel of its group."""
+    total, cin = 0, 3
+    for widths, side in zip(groups, sides):
+        for w in widths:
+            total += cin * w * 9 * side * side
+            cin = w
+    return total + cin * num_classes
+
+
+@pytest.mark.parametrize(
+    "name,groups,macs",
+    [
+        ("vgg16", [[64] * 2, [128] * 2, [256] * 3, [512] * 3, [512] * 3], 398_182_400),
+        ("vgg19", [[64] * 2, [128] * 2, [256] * 4, [512] * 4, [512] * 4], 511_428_608),
+    ],
+)
+def test_vgg_is_the_authors_cifar_layout(name, groups, macs):
+    # The RSD authors' CIFAR VGG: pools after groups 1-3 only, so groups 4 and 5 both
+    # run at 4x4, and the features are taken after each group's ReLU, before its pool.
+    sides = [32, 16, 8, 4, 4]
+    assert _vgg_macs(groups, sides, 100) == macs
+    plain = create(name, num_classes=100, form="plain")
+    assert count_macs(plain, (3, 32, 32)) == macs
+    assert count_macs(create(name, num_classes=100, form="deploy"), (3, 32, 32)) == macs
+    convs = [m for m in plain.modules() if isinstance(m, ConvBN)]
+    assert [m.conv.out_channels for m in convs] == [w for g in groups for w in g]
+    assert sum(isinstance(m, nn.MaxPool2d) for m in plain.modules()) == 3
+    assert plain.num_mix_points == 5 and plain.head[-1].in_features == 512
+    feats, _ = plain.eval().forward_features(torch.zeros(1, 3, 32, 32))
+    assert [tuple(f.shape[1:]) for f in feats] == [
+        (g[-1], s, s) for g, s in zip(groups, sides)
+    ]
+    # Mix points sit after a ReLU (non-negative features), not after a pool.
+    assert all(isinstance(m[-1], nn.ReLU) for m in [plain.stem, *plain.stages])
+
+
+def test_vgg16_fused_equals_plain():
+    # RSD form (random BN statistics) fused into conv-with-bias equals the RSD form in
+    # eval, and loads strictly into the plain deploy architecture with the same logits.
+    torch.manual_seed(0)
+    rsd = create("vgg16", num_classes=10, form="rsd").double()
+    with torch.no_grad():
+        for m in rsd.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    rsd.eval()
+    deploy = create("vgg16", num_classes=10, form="deploy").double().eval()
+    deploy.load_state_dict(fuse_model(rsd).state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y, y_deploy = rsd(x), deploy(x)
+    assert y.abs().max() > 1e-3  # not a vanishing output that would match anything
+    torch.testing.assert_close(y_deploy, y, rtol=1e-9, atol=1e-9 * y.abs().max().item())
+
+
+def test_densenet_structure():
     dense = create("densenet40_12", num_classes=100, form="plain")
     layers = [sum(type(m).__name__ == "DenseLayer" for m in s.modules()) for s in dense.stages]
     assert layers == [6, 6, 6]
@@ -126,3 +181,5 @@ def test_cli_version_help_and_models_table():
     # resnet32 for CIFAR-100: 0.47M parameters deployed (the paper's figure), ~3.7x while training.
     assert rows["resnet32"][5] == "471.52K"
     assert rows["resnet32"][1:3] == ["cifar", "32x32"]
+    # vgg16 as the authors' CIFAR VGG: 398 M multiply-adds deployed (313 M with a 2x2 last group).
+    assert rows["vgg16"][-1] == "398.18M" and rows["vgg19"][-1] == "511.43M"
