@@ -104,6 +104,32 @@ def test_bad_options_are_one_line_errors(args, needles, tmp_path, monkeypatch):
     assert not list(tmp_path.glob("runs/*")), "a failed run left its directory behind"
 
 
+@pytest.mark.parametrize("args,needles", [
+    (["--lr", "nan"], ["--lr must be a finite number (got nan)"]),
+    (["--lr", "inf"], ["--lr must be a finite number (got inf)"]),
+    (["--momentum", "nan"], ["--momentum must be a finite number"]),
+    (["--temperature", "nan"], ["--temperature must be a finite number"]),
+    (["--weight-decay", "-inf"], ["--weight-decay must be a finite number"]),
+    (["--alpha", "-5"], ["--alpha must be >= 0 (got -5.0)"]),
+    (["--alpha", "0", "--beta", "0"], ["--alpha and --beta cannot both be 0"]),
+    (["--momentum", "1.5"], ["--momentum must be in [0, 1)"]),
+    (["--drop-rate", "1"], ["--drop-rate must be in [0, 1)"]),
+    (["--seed", "-1"], ["--seed must be >= 0"]),
+    (["--seed", "99999999999999999999999"], ["--seed must fit in 64 bits"]),
+    (["--model", "vgg16", "--input-size", "8"], ["--input-size 8 is too small for vgg16 (it needs at least 16)"]),
+    (["--model", "densenet40_12", "--input-size", "2"], ["too small for densenet40_12 (it needs at least 4)"]),
+])
+def test_nonsense_numbers_are_refused_before_any_work(args, needles, tmp_path):
+    """NaN passes `x <= 0`, so every float is checked for finiteness first; ranges after.
+
+    The tiny options make a run that slips through finish in seconds (and fail the test).
+    """
+    out = tmp_path / "run"
+    tiny = [*TINY, "--method", "baseline", "--epochs", "1", "--max-steps", "1", "--out", str(out)]
+    _one_line_error(_run("train", *tiny, *args), *needles)
+    assert not out.exists()
+
+
 def test_unwritable_out_is_an_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -129,11 +155,18 @@ def test_existing_run_needs_resume(tmp_path):
     ('{"epochs": 2,', ".json", ["not valid JSON"]),
     ('epochs = [', ".toml", ["not valid TOML"]),
     ('[1, 2]', ".json", ["table of settings"]),
+    ('{"lr": NaN}', ".json", ["--lr must be a finite number (got nan)"]),
+    ('{"lr_gamma": -Infinity}', ".json", ["--lr-gamma must be a finite number"]),
+    ('temperature = nan', ".toml", ["--temperature must be a finite number"]),
+    ('lr_milestones = [5, 99999999999999999999]', ".toml", ["--lr-milestones must fit in 64 bits"]),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, text, suffix, needles):
     recipe = tmp_path / f"recipe{suffix}"
     recipe.write_text(text)
-    _one_line_error(_run("train", "--config", str(recipe)), *needles)
+    out = tmp_path / "run"  # tiny options: a recipe that slips through trains in seconds
+    _one_line_error(_run("train", "--config", str(recipe), *TINY, "--epochs", "1", "--max-steps", "1",
+                         "--out", str(out)), *needles)
+    assert not out.exists()
 
 
 def test_missing_recipe_and_eval_of_missing_run(tmp_path):
