@@ -169,6 +169,18 @@ def test_bad_recipes_are_one_line_errors(tmp_path, text, suffix, needles):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args,needles", [
+    (["--batch-size", "0"], ["--batch-size must be at least 1 (got 0)"]),
+    (["--workers", "-1"], ["--workers must be >= 0 (got -1)"]),
+])
+def test_eval_refuses_what_train_refuses(tmp_path, args, needles):
+    """train checked --batch-size and --workers, eval did not (a traceback from the DataLoader)."""
+    out = tmp_path / "run"
+    assert _run("train", "--method", "baseline", "--epochs", "1", "--max-steps", "1", *TINY,
+                "--out", str(out)).exit_code == 0
+    _one_line_error(_run("eval", str(out), "--device", "cpu", *args), *needles)
+
+
 def test_missing_recipe_and_eval_of_missing_run(tmp_path):
     _one_line_error(_run("train", "--config", str(tmp_path / "nope.json")), "not found")
     _one_line_error(_run("eval", str(tmp_path / "nope")), "does not exist")
