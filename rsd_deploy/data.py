@@ -8,8 +8,9 @@ padding and horizontal flip (no flip for digits, where it changes the class).
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,58 @@ class DataInfo:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "DataInfo":
-        return cls(**d)
+    def from_json(cls, d: Any) -> "DataInfo":
+        """Rebuild from :meth:`to_json`; a missing, unknown or wrong-typed entry is an RSDError."""
+        if not isinstance(d, dict):
+            raise RSDError(f"must be an object (got {d!r})")
+        names = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing, unknown = [k for k in required if k not in d], sorted(set(d) - names)
+        if missing or unknown:
+            raise RSDError(f"lacks {', '.join(missing)}" if missing else f"has unknown key(s) {', '.join(unknown)}")
+        for key, (test, words) in _DATA_TYPES.items():
+            if key in d and not test(d[key]):
+                raise RSDError(f"{key} must be {words} (got {d[key]!r})")
+        info = cls(**d)
+        if len(info.mean) != info.in_channels or len(info.std) != info.in_channels:
+            raise RSDError(f"mean and std must hold {info.in_channels} values, one per channel")
+        return info
+
+
+def is_count(v: Any) -> bool:
+    """A positive integer (not a bool): sizes, channels, classes."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def is_numbers(v: Any, positive: bool = False) -> bool:
+    """A non-empty list of finite numbers (all > 0 when ``positive``)."""
+    return isinstance(v, list) and len(v) > 0 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        and (x > 0 or not positive) for x in v)
+
+
+def is_size(v: Any) -> bool:
+    """``[H, W]``, two positive integers."""
+    return isinstance(v, list) and len(v) == 2 and all(map(is_count, v))
+
+
+def is_names(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v)
+
+
+#: Type test and words of every entry of a run's ``"data"`` record.
+_DATA_TYPES: dict[str, tuple[Any, str]] = {
+    "name": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
+    "dir": (lambda v: v is None or isinstance(v, str), "a folder or null"),
+    "classes": (is_names, "a list of class names"),
+    "input_size": (is_size, "[H, W], two positive integers"),
+    "in_channels": (is_count, "a positive integer"),
+    "mean": (is_numbers, "a list of finite numbers"),
+    "std": (lambda v: is_numbers(v, positive=True), "a list of positive finite numbers"),
+    "val_split": (lambda v: isinstance(v, str) and v in ("val", "test"), "'val' or 'test'"),
+    "flip": (lambda v: isinstance(v, bool), "true or false"),
+    "extra": (lambda v: isinstance(v, dict), "an object"),
+}
 
 
 def _transforms(info: DataInfo, train: bool):

@@ -266,6 +266,35 @@ def test_unknown_model(runs, tmp_path):
     _assert_nothing_written(run)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("input_size", "abc", "input_size must be [H, W], two positive integers (got 'abc')"),
+    ("input_size", [32, 0], "input_size must be [H, W]"),
+    ("num_classes", "ten", "num_classes must be a positive integer (got 'ten')"),
+    ("in_channels", True, "in_channels must be a positive integer (got True)"),
+    ("model", 20, "model must be a model name"),
+    ("classes", ["a", "b"], "2 classes for num_classes 10"),
+    ("normalization", {"mean": [0.5] * 3, "std": [0.0] * 3}, "normalization must be"),
+    ("data", {"input_size": [0, 0]}, "data: lacks name"),
+    ("data.input_size", [0, 0], "data: input_size must be [H, W], two positive integers (got [0, 0])"),
+    ("data.mean", [0.5, "x", 0.5], "data: mean must be a list of finite numbers"),
+    ("data.val_split", "../train", "data: val_split must be 'val' or 'test'"),
+])
+def test_wrong_typed_run_record(runs, tmp_path, key, value, message):
+    """read_run checked that keys exist, not their types: tracebacks deep in the export."""
+    run = _copy_run(runs["resnet20"], tmp_path / "run")
+    meta = json.loads((run / "run.json").read_text())
+    if key.startswith("data."):
+        meta["data"][key[len("data."):]] = value
+    else:
+        meta[key] = value
+    (run / "run.json").write_text(json.dumps(meta))
+    res = _invoke("fuse-export", run, "--onnx", "--samples", "4")
+    assert res.exit_code == 1
+    line = _one_line_error(res)
+    assert str(run / "run.json") in line and message in line, line
+    _assert_nothing_written(run)
+
+
 def test_unwritable_output_directory(runs, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -61,10 +61,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, data_dir: str | None = None, bat
     model, meta = load_run(run_dir)
     if "data" not in meta:
         raise RSDError(f"{run_dir}/run.json records no data set; cannot evaluate it")
-    try:
-        info = DataInfo.from_json(meta["data"])
-    except TypeError as e:
-        raise RSDError(f"{run_dir}/run.json has an unreadable data entry: {e}") from None
+    info = DataInfo.from_json(meta["data"])  # checked by load_run
     if data_dir is not None:
         info.dir = str(data_dir)
     ds = eval_dataset(info)
