@@ -153,6 +153,41 @@ def _channel_stats(images: np.ndarray, in_channels: int) -> tuple[list[float], l
     return flat.mean(0).round(4).tolist(), flat.std(0).round(4).tolist()
 
 
+class UnreadableImage(RSDError):
+    """An image file that PIL cannot read, named in the message.
+
+    A DataLoader worker hands its exception to the main process as
+    ``type(e)("Caught ... Original Traceback ...")``; this keeps only the original
+    message (the traceback's last line), so the error still prints as one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def load_image(path: str, mode: str = "RGB"):
+    """The image at ``path`` in ``mode``; a corrupt or non-image file is an :class:`UnreadableImage`."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f, Image.open(f) as im:
+            return im.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(f"cannot read image {path}: {e}") from None
+
+
+def _image_folder(folder: Path, transform=None) -> Dataset:
+    """An ImageFolder whose missing classes or images, and unreadable files, are RSDErrors."""
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(str(folder), transform=transform, loader=load_image)
+    except FileNotFoundError as e:  # no class folder, or a class folder without images
+        raise RSDError(f"{folder}: {e}") from None
+
+
 def _imagefolder_split(root: Path) -> str:
     for split in ("val", "test"):
         if (root / split).is_dir():
@@ -161,17 +196,13 @@ def _imagefolder_split(root: Path) -> str:
 
 
 def _imagefolder_stats(root: Path, in_channels: int, limit: int = 5000) -> tuple[list[float], list[float]]:
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
-
-    ds = ImageFolder(str(root / "train"))
+    ds = _image_folder(root / "train")
     step = max(1, len(ds) // limit)
     s = np.zeros(in_channels)
     s2 = np.zeros(in_channels)
     n = 0
     for path, _ in ds.samples[::step]:
-        with Image.open(path) as im:
-            x = np.asarray(im.convert("L" if in_channels == 1 else "RGB"), dtype=np.float64) / 255.0
+        x = np.asarray(load_image(path, "L" if in_channels == 1 else "RGB"), dtype=np.float64) / 255.0
         x = x.reshape(-1, in_channels)
         s += x.sum(0)
         s2 += (x**2).sum(0)
@@ -224,17 +255,15 @@ def load_datasets(
         return (_ArrayImages(train.data, np.asarray(train.targets), _transforms(info, True)),
                 _ArrayImages(val.data, np.asarray(val.targets), _transforms(info, False)), info)
 
-    from torchvision.datasets import ImageFolder
-
     if not (root / "train").is_dir():
         raise RSDError(f"{root} has no train/ folder (expected train/ and val/ ImageFolder subfolders)")
     split = _imagefolder_split(root)
     mean, std = _imagefolder_stats(root, in_channels)
-    train_classes = ImageFolder(str(root / "train")).classes
+    train_classes = _image_folder(root / "train").classes
     info = DataInfo("imagefolder", str(root), train_classes, size, in_channels, mean, std,
                     val_split=split)
-    train = ImageFolder(str(root / "train"), transform=_transforms(info, True))
-    val = ImageFolder(str(root / split), transform=_transforms(info, False))
+    train = _image_folder(root / "train", _transforms(info, True))
+    val = _image_folder(root / split, _transforms(info, False))
     if val.classes != train.classes:
         raise RSDError(f"{root / split} and {root / 'train'} hold different classes")
     return train, val, info
@@ -256,9 +285,10 @@ def eval_dataset(info: DataInfo) -> Dataset:
         except RuntimeError:
             raise RSDError(f"{info.name} not found under {info.dir}") from None
         return _ArrayImages(val.data, np.asarray(val.targets), _transforms(info, False))
-    from torchvision.datasets import ImageFolder
-
-    return ImageFolder(str(Path(info.dir) / info.val_split), transform=_transforms(info, False))
+    folder = Path(info.dir) / info.val_split
+    if not folder.is_dir():
+        raise RSDError(f"{info.dir} has no {info.val_split}/ folder (the run's validation split)")
+    return _image_folder(folder, _transforms(info, False))
 
 
 def first_batch(ds: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:

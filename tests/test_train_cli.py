@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,63 @@ def test_config_type_checks():
     assert config.lr == 1.0 and isinstance(config.lr, float) and config.lr_milestones == [2, 4]
     assert config.resolved_input_size() == 16  # digits default
     assert TrainConfig(data="imagefolder").resolved_input_size() == 32
+
+
+# Bad image folders (issue 14, case 7): one line naming the folder or the file. ---------------
+
+IMAGE_TINY = ["--data", "imagefolder", "--input-size", "8", "--train-samples", "32", "--batch-size", "16",
+              "--epochs", "1", "--method", "baseline", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture
+def images(tmp_path, cifar_mini) -> Path:
+    """Two classes of real images: 20 per class in train/, 8 in val/."""
+    root = tmp_path / "images"
+    for split, n in (("train", 20), ("val", 8)):
+        for cls in ("airplane", "cat"):
+            (root / split / cls).mkdir(parents=True)
+            for src in sorted((cifar_mini / split / cls).iterdir())[:n]:
+                shutil.copy(src, root / split / cls / src.name)
+    return root
+
+
+def _corrupt(path: Path) -> Path:
+    path.write_bytes(b"\x00 not an image " * 8)
+    return path
+
+
+@pytest.mark.parametrize("damage,workers,needles", [
+    ("empty train", "0", ["train: Couldn't find any class folder"]),
+    ("empty class", "0", ["train: Found no valid file for the classes bird"]),
+    ("corrupt train image", "0", ["cannot read image", "train/cat/broken.jpg"]),
+    ("corrupt val image", "0", ["cannot read image", "val/cat/broken.jpg"]),
+    # Through a DataLoader worker process, which wraps the error in its traceback.
+    ("corrupt val image", "1", ["cannot read image", "val/cat/broken.jpg"]),
+])
+def test_bad_image_folders(images, tmp_path, damage, workers, needles):
+    if damage == "empty train":
+        shutil.rmtree(images / "train")
+        (images / "train").mkdir()
+    elif damage == "empty class":
+        (images / "train" / "bird").mkdir()
+    else:
+        _corrupt(images / ("train" if "train" in damage else "val") / "cat" / "broken.jpg")
+    out = tmp_path / "run"
+    result = _run("train", *IMAGE_TINY, "--data-dir", str(images), "--workers", workers, "--out", str(out))
+    _one_line_error(result, *needles)
+    assert not out.exists()
+
+
+def test_eval_of_a_moved_or_damaged_validation_split(images, tmp_path):
+    out = tmp_path / "run"
+    assert _run("train", *IMAGE_TINY, "--data-dir", str(images), "--workers", "0",
+                "--out", str(out)).exit_code == 0
+    assert _run("eval", str(out), "--device", "cpu", "--workers", "0").exit_code == 0
+    broken = _corrupt(images / "val" / "airplane" / "broken.png")
+    for workers in ("0", "1"):
+        _one_line_error(_run("eval", str(out), "--device", "cpu", "--workers", workers),
+                        f"cannot read image {broken}")
+    moved = tmp_path / "moved"
+    (moved / "train").mkdir(parents=True)
+    _one_line_error(_run("eval", str(out), "--data-dir", str(moved), "--device", "cpu", "--workers", "0"),
+                    f"{moved} has no val/ folder")
