@@ -263,6 +263,36 @@ class _Staging:
             self.published.append(name)
 
 
+#: Files a training run keeps beside model.safetensors and run.json (training/loop.py,
+#: training/checkpoint.py): a folder holding one of them is a run, never an export's.
+_TRAINING_FILES = ("metrics.jsonl", "checkpoint.safetensors", "checkpoint.json")
+
+
+def _refuse_run_folder(out: Path, run_dir: Path) -> None:
+    """Refuse an output folder whose model.safetensors / run.json belong to a run, not an export.
+
+    Publishing there would replace a run's weights by the deployed ones: the source
+    run folder, any other training run, or a folder holding a run's resume state.
+    """
+    if not out.is_dir():
+        return
+    hint = "choose another --out (default: RUN_DIR/deploy)"
+    if out.resolve() == run_dir.resolve():
+        raise RSDError(f"--out {out} is the run folder itself: the export would replace its weights; {hint}")
+    held = [name for name in _TRAINING_FILES if (out / name).exists()]
+    if (out / RUN_FILE).exists():
+        try:
+            meta = read_json(out / RUN_FILE)
+        except RSDError:
+            meta = None
+        if not (isinstance(meta, dict) and meta.get("form") == "deploy" and "source" in meta):
+            held.insert(0, f"{RUN_FILE} of a {meta.get('form')!r}-form run" if isinstance(meta, dict)
+                        else f"a {RUN_FILE} that is not an export's")
+    if held:
+        raise RSDError(f"--out {out} holds a training run ({', '.join(held)}): the export would "
+                       f"replace its weights; {hint}")
+
+
 def _onnx_metadata(meta: Mapping[str, Any], form: str, source_sha: str) -> dict[str, str]:
     data = meta.get("data") if isinstance(meta.get("data"), Mapping) else {}
     norm = meta.get("normalization")
@@ -321,6 +351,7 @@ def fuse_export(
     weights = run_dir / WEIGHTS_FILE
     source_sha = sha256_file(weights)
     out = Path(opts.out) if opts.out else run_dir / DEPLOY_DIR
+    _refuse_run_folder(out, run_dir)
     h, w = (int(v) for v in meta["input_size"])
     c = int(meta["in_channels"])
     input_shape = (c, h, w)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from rsd_deploy import models
 from rsd_deploy.cli import main
 from rsd_deploy.data import DataInfo, eval_dataset
+from rsd_deploy.errors import RSDError
 from rsd_deploy.export import ExportOptions, fuse_export
 from rsd_deploy.onnx import ort_session
 from rsd_deploy.run import load_run
@@ -210,6 +212,33 @@ def test_reexport_replaces_stale_artifacts(runs, tmp_path):
     assert "audit" not in report
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "run.json", "report.json",
                                                "timing.cache"}
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+
+def test_out_holding_a_run_is_refused(runs, tmp_path):
+    """--out into the run folder (or any run's) replaced its training weights and run.json."""
+    run = _copy_run(runs["resnet20"], tmp_path / "run")
+    other = _copy_run(runs["vgg16"], tmp_path / "other")
+    state_only = tmp_path / "killed"  # a run killed in its first epoch: only its resume state
+    state_only.mkdir()
+    (state_only / "checkpoint.safetensors").write_bytes(b"state")
+    cases = [(run, "is the run folder itself"), (tmp_path / "." / "run", "is the run folder itself"),
+             (other, "holds a training run (run.json of a 'rsd'-form run, metrics.jsonl"),
+             (state_only, "holds a training run (checkpoint.safetensors)")]
+    for out, message in cases:
+        before = _fingerprint(out)
+        res = _invoke("fuse-export", run, "--onnx", "--samples", "4", "--out", out)
+        assert res.exit_code == 1
+        assert message in _one_line_error(res)
+        assert _fingerprint(out) == before, out
+    # An earlier export's folder (deploy-form run.json with its source) is fine to replace.
+    deploy = tmp_path / "run-deploy"
+    fuse_export(run, ExportOptions(samples=4, out=str(deploy)))
+    fuse_export(runs["vgg16"], ExportOptions(samples=4, out=str(deploy)))
+    assert json.loads((deploy / "run.json").read_text())["model"] == "vgg16"
 
 
 # -- bad input: one-line error, non-zero exit, nothing written ----------------------------
