@@ -16,6 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from .errors import RSDError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -40,6 +45,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class DirLock:
+    """An exclusive lock on an existing folder for one writer (``what``); a second one is refused.
+
+    The lock is ``flock`` on the folder itself: no lock file to leave behind, and the
+    kernel releases it when its process dies, so a killed writer never blocks the next.
+    Only the holder may treat leftovers of earlier writers as dead: a live writer's
+    temporary files look the same.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str) -> None:
+        self.path, self.what, self.fd = Path(path), what, -1
+
+    def __enter__(self) -> "DirLock":
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise RSDError(f"cannot open {self.path}: {e.strerror or e}") from None
+        if fcntl is not None:  # not on Windows: no lock there
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                raise RSDError(f"another {self.what} is writing to {self.path}; wait for it to end") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)  # releases the lock
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

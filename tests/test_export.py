@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from rsd_deploy import models
 from rsd_deploy.cli import main
 from rsd_deploy.data import DataInfo, eval_dataset
 from rsd_deploy.errors import RSDError
-from rsd_deploy.export import ExportOptions, fuse_export
+from rsd_deploy.export import ExportOptions, fuse_export, sha256_file
 from rsd_deploy.onnx import ort_session
 from rsd_deploy.run import load_run
 from rsd_deploy.verify import ort_logits, torch_logits
@@ -212,6 +213,56 @@ def test_reexport_replaces_stale_artifacts(runs, tmp_path):
     assert "audit" not in report
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "run.json", "report.json",
                                                "timing.cache"}
+
+
+def test_interrupted_export_removes_only_what_it_made(runs, tmp_path):
+    """Export A creates --out and is interrupted: only A's staging folder goes, never the
+    folder with what others put there; export B, started while A runs, is refused."""
+    out = tmp_path / "d"
+
+    def at_work(msg: str) -> None:
+        if msg.startswith("verifying"):  # A is staging inside out
+            with pytest.raises(RSDError, match=f"another fuse-export is writing to {out}"):
+                fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)))
+            (out / "notes.txt").write_text("someone else's")
+            raise KeyboardInterrupt  # Ctrl-C on A
+
+    with pytest.raises(KeyboardInterrupt):
+        fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)), log=at_work)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # The lock went with A: the next export runs.
+    fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)))
+    assert {p.name for p in out.iterdir()} == {"notes.txt", "model.safetensors", "run.json", "report.json"}
+
+
+def test_next_export_removes_what_a_killed_one_left(runs, tmp_path, monkeypatch):
+    out = tmp_path / "d"
+    fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)))
+    # Stopped half-way through publishing: the earlier report.json is removed first and
+    # the new one renamed last, so no report.json vouches for a folder of mixed exports.
+    real, moved = os.replace, []
+
+    def stop_at_second_move(src, dst, **kw):
+        if Path(dst).parent == out:
+            moved.append(Path(dst).name)
+            if len(moved) == 2:
+                raise KeyboardInterrupt
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", stop_at_second_move)
+    with pytest.raises(KeyboardInterrupt):
+        fuse_export(runs["vgg16"], ExportOptions(samples=4, out=str(out)))
+    monkeypatch.undo()
+    assert not (out / "report.json").exists()
+    # A SIGKILL mid-export leaves its staging folder: the next export removes it.
+    (out / ".fuse-export-k1ll3d").mkdir()
+    (out / ".fuse-export-k1ll3d" / "model.onnx").write_bytes(b"half")
+    seen = []
+    fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)), log=seen.append)
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "run.json", "report.json"}
+    assert "removed staging folders of interrupted exports: .fuse-export-k1ll3d" in seen
+    report = json.loads((out / "report.json").read_text())
+    assert all(sha256_file(out / name) == a["sha256"] for name, a in report["artifacts"].items())
 
 
 def _fingerprint(folder: Path) -> dict[str, str]:
