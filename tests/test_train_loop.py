@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from rsd_deploy.fuse import fuse_model
 from rsd_deploy.io import load_tensors
 from rsd_deploy.run import load_run
 from rsd_deploy.training import TrainConfig, train
-from rsd_deploy.training import checkpoint
+from rsd_deploy.training import checkpoint, loop
 from rsd_deploy.training.evaluation import evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +173,56 @@ def test_corrupt_resume_state_is_an_error(rsd_run, tmp_path):
         with pytest.raises(RSDError) as err:
             train(_config(epochs=3), run, resume=True, quiet=True)
         assert "\n" not in str(err.value) and str(run) in str(err.value)
+
+
+def test_resume_into_an_unwritable_folder_fails_before_training(rsd_run, tmp_path, monkeypatch):
+    """Fresh runs tested --out for writing first; a resumed one trained a whole epoch first.
+
+    Running as root, a read-only folder is still writable, so the write failure is
+    simulated where every file is created: mkstemp beside the target.
+    """
+    run = tmp_path / "run"
+    shutil.copytree(rsd_run, run)
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kw):
+        if dir is not None and Path(dir) == run:
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    trained = []
+    real = loop._train_epoch
+    monkeypatch.setattr(loop, "_train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
+    with pytest.raises(RSDError, match=f"cannot write to {run}"):
+        train(_config(epochs=3), run, resume=True, quiet=True)
+    assert not trained
+
+
+def test_a_new_run_sweeps_what_killed_runs_left(tmp_path):
+    """A SIGKILL during a write leaves its temporary file (8 MB for a checkpoint); the next
+    run in the folder removes such files, and only those (issue 14, case 10)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [".checkpoint.safetensors.k1ll3d00.tmp", ".model.safetensors.abcdefgh.tmp",
+             "..curves.png.abcdefgh.tmp.ijklmnop.tmp", "..write-test.x1y2z3w4.tmp"]
+    for name in stale:
+        (out / name).write_bytes(b"half")
+    (out / ".notes.tmp").write_text("not ours")
+    train(_config(method="baseline", epochs=1), out, quiet=True)
+    assert not [name for name in stale if (out / name).exists()]
+    assert (out / ".notes.tmp").read_text() == "not ours"
+
+
+def test_one_training_process_per_run_folder(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    from rsd_deploy.io import DirLock
+
+    with DirLock(out, "training run"):  # as another process training there would hold it
+        with pytest.raises(RSDError, match=f"another training run is writing to {out}"):
+            train(_config(method="baseline", epochs=1), out, quiet=True)
+    assert not list(out.iterdir())
 
 
 @pytest.mark.slow

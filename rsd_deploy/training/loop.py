@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .. import __version__, models
 from ..data import DataInfo, load_datasets
 from ..errors import RSDError
-from ..io import atomic_path
-from ..run import RUN_FILE, save_run
+from ..io import DirLock, atomic_path, remove_stale_temps
+from ..run import RUN_FILE, WEIGHTS_FILE, save_run
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .evaluation import autocast, evaluate
@@ -38,6 +38,10 @@ from .rsd import CEStep, RSDStep
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+_WRITE_TEST = ".write-test"
+#: Every file the loop writes into a run directory (their killed temporaries are swept).
+RUN_FILES = (WEIGHTS_FILE, RUN_FILE, METRICS_FILE, CURVES_FILE, checkpoint.TENSORS_FILE,
+             checkpoint.STATE_FILE, _WRITE_TEST)
 #: Options that may differ when a run is resumed; everything else must match.
 RESUMABLE_CHANGES = ("epochs", "max_steps", "device", "workers", "eval_batch_size")
 
@@ -106,21 +110,31 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
+def _lock_run_dir(run_dir: Path) -> DirLock:
+    """Create ``run_dir`` if needed and lock it: one training process writes a run at a time."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RSDError(f"--out {run_dir} exists and is not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RSDError(f"cannot write to --out {run_dir}: {e.strerror or e}") from None
+    return DirLock(run_dir, "training run")
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> list[str]:
+    """Check the locked ``run_dir`` for this start; sweep what killed runs left (their names)."""
     if resume:
         if not checkpoint.exists(run_dir):
             raise RSDError(f"{run_dir} holds no resume state; cannot --resume it")
-        return
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RSDError(f"--out {run_dir} exists and is not a directory")
-    if (run_dir / RUN_FILE).exists() or checkpoint.exists(run_dir):
+    elif (run_dir / RUN_FILE).exists() or checkpoint.exists(run_dir):
         raise RSDError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    try:  # fail now, not after the first epoch, when --out is not writable
-        with atomic_path(run_dir / ".write-test") as tmp:
+    try:  # fail now, not after the first epoch, when --out is not writable (resumed runs too)
+        with atomic_path(run_dir / _WRITE_TEST) as tmp:
             tmp.write_text("")
-        (run_dir / ".write-test").unlink()
+        (run_dir / _WRITE_TEST).unlink()
     except OSError as e:
         raise RSDError(f"cannot write to --out {run_dir}: {e.strerror or e}") from None
+    return remove_stale_temps(run_dir, RUN_FILES)
 
 
 def _write_epoch(run_dir: Path, *, model: nn.Module, meta: dict[str, Any],
@@ -161,7 +175,8 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
     existed = run_dir.exists()
     ctx = distributed.setup(config.device)
     try:
-        return _train(config, run_dir, ctx, resume=resume, quiet=quiet, on_epoch_end=on_epoch_end)
+        with _lock_run_dir(run_dir) if ctx.is_main else contextlib.nullcontext():
+            return _train(config, run_dir, ctx, resume=resume, quiet=quiet, on_epoch_end=on_epoch_end)
     except BaseException:
         if ctx.is_main and not existed:
             with contextlib.suppress(OSError):  # rmdir removes only an empty directory:
@@ -175,7 +190,9 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
            quiet: bool, on_epoch_end: EpochCallback | None) -> Path:
     say = (lambda *a: None) if quiet or not ctx.is_main else (lambda *a: print(*a, flush=True))
     if ctx.is_main:
-        _prepare_run_dir(run_dir, resume)
+        swept = _prepare_run_dir(run_dir, resume)
+        if swept:
+            say(f"removed {len(swept)} temporary file(s) an interrupted run left in {run_dir}")
     distributed.barrier(ctx)
 
     if config.download and ctx.distributed and not ctx.is_main:
