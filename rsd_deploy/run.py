@@ -54,15 +54,15 @@ def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise RSDError(f"{path} lacks {', '.join(missing)}")
-    for key, (test, words) in _TYPES.items():
-        if key in meta and not test(meta[key]):
-            raise RSDError(f"{path}: {key} must be {words} (got {meta[key]!r})")
+    for key, (test, words) in _TYPES.items():  # an optional entry may be null: not recorded
+        if (key in REQUIRED_KEYS or meta.get(key) is not None) and not test(meta.get(key)):
+            raise RSDError(f"{path}: {key} must be {words} (got {meta.get(key)!r})")
     models.get_spec(meta["model"])  # unknown model -> RSDError
     if meta["form"] not in FORMS:
         raise RSDError(f"{path}: unknown form {meta['form']!r}")
-    if "classes" in meta and len(meta["classes"]) != meta["num_classes"]:
+    if meta.get("classes") is not None and len(meta["classes"]) != meta["num_classes"]:
         raise RSDError(f"{path}: {len(meta['classes'])} classes for num_classes {meta['num_classes']}")
-    if "data" in meta:
+    if meta.get("data") is not None:
         try:
             DataInfo.from_json(meta["data"])
         except RSDError as e:

@@ -59,7 +59,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, data_dir: str | None = None, bat
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise RSDError(f"--workers must be >= 0 (got {workers})")
     model, meta = load_run(run_dir)
-    if "data" not in meta:
+    if meta.get("data") is None:
         raise RSDError(f"{run_dir}/run.json records no data set; cannot evaluate it")
     info = DataInfo.from_json(meta["data"])  # checked by load_run
     if data_dir is not None:
