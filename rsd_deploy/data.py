@@ -8,8 +8,9 @@ padding and horizontal flip (no flip for digits, where it changes the class).
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,58 @@ class DataInfo:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "DataInfo":
-        return cls(**d)
+    def from_json(cls, d: Any) -> "DataInfo":
+        """Rebuild from :meth:`to_json`; a missing, unknown or wrong-typed entry is an RSDError."""
+        if not isinstance(d, dict):
+            raise RSDError(f"must be an object (got {d!r})")
+        names = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing, unknown = [k for k in required if k not in d], sorted(set(d) - names)
+        if missing or unknown:
+            raise RSDError(f"lacks {', '.join(missing)}" if missing else f"has unknown key(s) {', '.join(unknown)}")
+        for key, (test, words) in _DATA_TYPES.items():
+            if key in d and not test(d[key]):
+                raise RSDError(f"{key} must be {words} (got {d[key]!r})")
+        info = cls(**d)
+        if len(info.mean) != info.in_channels or len(info.std) != info.in_channels:
+            raise RSDError(f"mean and std must hold {info.in_channels} values, one per channel")
+        return info
+
+
+def is_count(v: Any) -> bool:
+    """A positive integer (not a bool): sizes, channels, classes."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def is_numbers(v: Any, positive: bool = False) -> bool:
+    """A non-empty list of finite numbers (all > 0 when ``positive``)."""
+    return isinstance(v, list) and len(v) > 0 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        and (x > 0 or not positive) for x in v)
+
+
+def is_size(v: Any) -> bool:
+    """``[H, W]``, two positive integers."""
+    return isinstance(v, list) and len(v) == 2 and all(map(is_count, v))
+
+
+def is_names(v: Any) -> bool:
+    return isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v)
+
+
+#: Type test and words of every entry of a run's ``"data"`` record.
+_DATA_TYPES: dict[str, tuple[Any, str]] = {
+    "name": (lambda v: v in DATASETS, f"one of {', '.join(DATASETS)}"),
+    "dir": (lambda v: v is None or isinstance(v, str), "a folder or null"),
+    "classes": (is_names, "a list of class names"),
+    "input_size": (is_size, "[H, W], two positive integers"),
+    "in_channels": (is_count, "a positive integer"),
+    "mean": (is_numbers, "a list of finite numbers"),
+    "std": (lambda v: is_numbers(v, positive=True), "a list of positive finite numbers"),
+    "val_split": (lambda v: isinstance(v, str) and v in ("val", "test"), "'val' or 'test'"),
+    "flip": (lambda v: isinstance(v, bool), "true or false"),
+    "extra": (lambda v: isinstance(v, dict), "an object"),
+}
 
 
 def _transforms(info: DataInfo, train: bool):
@@ -102,6 +153,41 @@ def _channel_stats(images: np.ndarray, in_channels: int) -> tuple[list[float], l
     return flat.mean(0).round(4).tolist(), flat.std(0).round(4).tolist()
 
 
+class UnreadableImage(RSDError):
+    """An image file that PIL cannot read, named in the message.
+
+    A DataLoader worker hands its exception to the main process as
+    ``type(e)("Caught ... Original Traceback ...")``; this keeps only the original
+    message (the traceback's last line), so the error still prints as one line.
+    """
+
+    def __init__(self, message: str) -> None:
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+def load_image(path: str, mode: str = "RGB"):
+    """The image at ``path`` in ``mode``; a corrupt or non-image file is an :class:`UnreadableImage`."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f, Image.open(f) as im:
+            return im.convert(mode)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UnreadableImage(f"cannot read image {path}: {e}") from None
+
+
+def _image_folder(folder: Path, transform=None) -> Dataset:
+    """An ImageFolder whose missing classes or images, and unreadable files, are RSDErrors."""
+    from torchvision.datasets import ImageFolder
+
+    try:
+        return ImageFolder(str(folder), transform=transform, loader=load_image)
+    except FileNotFoundError as e:  # no class folder, or a class folder without images
+        raise RSDError(f"{folder}: {e}") from None
+
+
 def _imagefolder_split(root: Path) -> str:
     for split in ("val", "test"):
         if (root / split).is_dir():
@@ -110,17 +196,13 @@ def _imagefolder_split(root: Path) -> str:
 
 
 def _imagefolder_stats(root: Path, in_channels: int, limit: int = 5000) -> tuple[list[float], list[float]]:
-    from PIL import Image
-    from torchvision.datasets import ImageFolder
-
-    ds = ImageFolder(str(root / "train"))
+    ds = _image_folder(root / "train")
     step = max(1, len(ds) // limit)
     s = np.zeros(in_channels)
     s2 = np.zeros(in_channels)
     n = 0
     for path, _ in ds.samples[::step]:
-        with Image.open(path) as im:
-            x = np.asarray(im.convert("L" if in_channels == 1 else "RGB"), dtype=np.float64) / 255.0
+        x = np.asarray(load_image(path, "L" if in_channels == 1 else "RGB"), dtype=np.float64) / 255.0
         x = x.reshape(-1, in_channels)
         s += x.sum(0)
         s2 += (x**2).sum(0)
@@ -173,17 +255,15 @@ def load_datasets(
         return (_ArrayImages(train.data, np.asarray(train.targets), _transforms(info, True)),
                 _ArrayImages(val.data, np.asarray(val.targets), _transforms(info, False)), info)
 
-    from torchvision.datasets import ImageFolder
-
     if not (root / "train").is_dir():
         raise RSDError(f"{root} has no train/ folder (expected train/ and val/ ImageFolder subfolders)")
     split = _imagefolder_split(root)
     mean, std = _imagefolder_stats(root, in_channels)
-    train_classes = ImageFolder(str(root / "train")).classes
+    train_classes = _image_folder(root / "train").classes
     info = DataInfo("imagefolder", str(root), train_classes, size, in_channels, mean, std,
                     val_split=split)
-    train = ImageFolder(str(root / "train"), transform=_transforms(info, True))
-    val = ImageFolder(str(root / split), transform=_transforms(info, False))
+    train = _image_folder(root / "train", _transforms(info, True))
+    val = _image_folder(root / split, _transforms(info, False))
     if val.classes != train.classes:
         raise RSDError(f"{root / split} and {root / 'train'} hold different classes")
     return train, val, info
@@ -205,9 +285,10 @@ def eval_dataset(info: DataInfo) -> Dataset:
         except RuntimeError:
             raise RSDError(f"{info.name} not found under {info.dir}") from None
         return _ArrayImages(val.data, np.asarray(val.targets), _transforms(info, False))
-    from torchvision.datasets import ImageFolder
-
-    return ImageFolder(str(Path(info.dir) / info.val_split), transform=_transforms(info, False))
+    folder = Path(info.dir) / info.val_split
+    if not folder.is_dir():
+        raise RSDError(f"{info.dir} has no {info.val_split}/ folder (the run's validation split)")
+    return _image_folder(folder, _transforms(info, False))
 
 
 def first_batch(ds: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:

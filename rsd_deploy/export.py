@@ -21,6 +21,7 @@ leaves no artifact behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ from . import __version__
 from .audit import audit, failure_message, op_histogram, reference_histogram
 from .errors import RSDError
 from .fuse import fuse_model
-from .io import read_json, save_tensors, write_json
+from .io import DirLock, read_json, save_tensors, write_json
 from .onnx import DEFAULT_OPSET, export_onnx, max_opset, ort_session
 from .run import RUN_FILE, WEIGHTS_FILE, build_model, load_run, load_state
 from .verify import (
@@ -215,32 +216,52 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+_STAGING_PREFIX = ".fuse-export-"
+
+
 class _Staging:
     """A hidden folder inside ``out`` where artifacts wait for their checks.
 
-    :meth:`publish` moves every staged file to ``out`` (same file system, so each
-    move is an atomic rename); leaving the context removes the staging folder and,
-    when nothing was published, an output folder this export created.
+    Entering locks ``out`` (a second export into it is refused while this one runs)
+    and removes staging folders that killed exports left there. :meth:`publish`
+    moves every staged file to ``out`` (same file system, so each move is an atomic
+    rename). Leaving removes the staging folder and, when nothing was published,
+    ``out`` itself if this export created it and it is still empty: only what this
+    export made is ever removed.
     """
 
     def __init__(self, out: Path) -> None:
         self.out = out
-        self.created = not out.exists()
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            self.path = Path(tempfile.mkdtemp(prefix=".fuse-export-", dir=out))
-        except OSError as e:
-            raise RSDError(f"cannot write to {out}: {e.strerror or e}") from None
         self.published: list[str] = []
         self.removed: list[str] = []
+        self.stale: list[str] = []  #: staging folders of killed exports, removed
 
     def __enter__(self) -> "_Staging":
+        self.created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RSDError(f"cannot write to {self.out}: {e.strerror or e}") from None
+        self._lock = DirLock(self.out, "fuse-export").__enter__()
+        try:
+            for old in self.out.glob(f"{_STAGING_PREFIX}*"):
+                shutil.rmtree(old, ignore_errors=True)
+                self.stale.append(old.name)
+            self.path = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=self.out))
+        except OSError as e:
+            self._release()
+            raise RSDError(f"cannot write to {self.out}: {e.strerror or e}") from None
         return self
+
+    def _release(self) -> None:
+        if self.created and not self.published:
+            with contextlib.suppress(OSError):
+                self.out.rmdir()  # only when empty: never another export's or a user's files
+        self._lock.__exit__()
 
     def __exit__(self, exc_type, exc, tb) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-        if self.created and not self.published:
-            shutil.rmtree(self.out, ignore_errors=True)
+        self._release()
         if isinstance(exc, RSDError) and not self.published:
             raise RSDError(f"{exc} (nothing was written)") from None
 
@@ -248,8 +269,14 @@ class _Staging:
         return self.path / name
 
     def publish(self, last: str) -> None:
+        """Move the staged files into ``out``, ``last`` last.
+
+        ``last`` (the report) of an earlier export is removed first, so a folder that
+        holds it always holds one complete export, even after a kill half-way through.
+        """
         names = sorted(p.name for p in self.path.iterdir() if p.is_file())
         names = [n for n in names if n != last] + ([last] if last in names else [])
+        (self.out / last).unlink(missing_ok=True)
         for name in _OWNED:
             if name not in names and (self.out / name).exists():
                 (self.out / name).unlink()
@@ -261,6 +288,36 @@ class _Staging:
             os.chmod(self.path / name, 0o666 & ~umask)
             os.replace(self.path / name, self.out / name)
             self.published.append(name)
+
+
+#: Files a training run keeps beside model.safetensors and run.json (training/loop.py,
+#: training/checkpoint.py): a folder holding one of them is a run, never an export's.
+_TRAINING_FILES = ("metrics.jsonl", "checkpoint.safetensors", "checkpoint.json")
+
+
+def _refuse_run_folder(out: Path, run_dir: Path) -> None:
+    """Refuse an output folder whose model.safetensors / run.json belong to a run, not an export.
+
+    Publishing there would replace a run's weights by the deployed ones: the source
+    run folder, any other training run, or a folder holding a run's resume state.
+    """
+    if not out.is_dir():
+        return
+    hint = "choose another --out (default: RUN_DIR/deploy)"
+    if out.resolve() == run_dir.resolve():
+        raise RSDError(f"--out {out} is the run folder itself: the export would replace its weights; {hint}")
+    held = [name for name in _TRAINING_FILES if (out / name).exists()]
+    if (out / RUN_FILE).exists():
+        try:
+            meta = read_json(out / RUN_FILE)
+        except RSDError:
+            meta = None
+        if not (isinstance(meta, dict) and meta.get("form") == "deploy" and "source" in meta):
+            held.insert(0, f"{RUN_FILE} of a {meta.get('form')!r}-form run" if isinstance(meta, dict)
+                        else f"a {RUN_FILE} that is not an export's")
+    if held:
+        raise RSDError(f"--out {out} holds a training run ({', '.join(held)}): the export would "
+                       f"replace its weights; {hint}")
 
 
 def _onnx_metadata(meta: Mapping[str, Any], form: str, source_sha: str) -> dict[str, str]:
@@ -321,6 +378,7 @@ def fuse_export(
     weights = run_dir / WEIGHTS_FILE
     source_sha = sha256_file(weights)
     out = Path(opts.out) if opts.out else run_dir / DEPLOY_DIR
+    _refuse_run_folder(out, run_dir)
     h, w = (int(v) for v in meta["input_size"])
     c = int(meta["in_channels"])
     input_shape = (c, h, w)
@@ -438,6 +496,8 @@ def fuse_export(
         report["seconds"] = round(time.perf_counter() - started, 2)
         write_json(stage / REPORT_FILE, report)
         stage.publish(last=REPORT_FILE)
+        if stage.stale:
+            say(f"removed staging folders of interrupted exports: {', '.join(stage.stale)}")
         if stage.removed:
             say(f"removed artifacts of an earlier export: {', '.join(stage.removed)}")
     return report

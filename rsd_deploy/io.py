@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import RSDError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 
 def _umask() -> int:
@@ -26,25 +31,96 @@ def _umask() -> int:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it to ``path`` only on success."""
-    path = Path(path)
+    with atomic_paths([path]) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Temporary paths beside ``paths``, renamed to them in order only when the block succeeds.
+
+    Every file is complete before the first rename, so a failure while writing them
+    changes nothing; each rename is atomic, so put the file that commits the others last.
+    """
+    paths = [Path(p) for p in paths]
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(_temporary(p)) for p in paths]
+        yield tmps
+        mode = 0o666 & ~_umask()  # mkstemp makes 0600; artifacts get the usual mode
+        for tmp, path in zip(tmps, paths):
+            os.chmod(tmp, mode)
+            os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """A new empty file ``.NAME.XXXXXXXX.tmp`` beside ``path``, removed on exit unless renamed."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise RSDError(f"cannot write to {path.parent}: {e.strerror or e}") from None
     os.close(fd)
-    tmp = Path(tmp)
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual mode
-        os.replace(tmp, path)
+        yield Path(tmp)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
+
+
+class DirLock:
+    """An exclusive lock on an existing folder for one writer (``what``); a second one is refused.
+
+    The lock is ``flock`` on the folder itself: no lock file to leave behind, and the
+    kernel releases it when its process dies, so a killed writer never blocks the next.
+    Only the holder may treat leftovers of earlier writers (:func:`remove_stale_temps`)
+    as dead: a live writer's temporary files look the same.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str) -> None:
+        self.path, self.what, self.fd = Path(path), what, -1
+
+    def __enter__(self) -> "DirLock":
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise RSDError(f"cannot open {self.path}: {e.strerror or e}") from None
+        if fcntl is not None:  # not on Windows: no lock there
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                raise RSDError(f"another {self.what} is writing to {self.path}; wait for it to end") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)  # releases the lock
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str]) -> list[str]:
+    """Remove the temporary files that killed writers of ``names`` left in ``folder``.
+
+    :func:`atomic_path` writes ``.NAME.XXXXXXXX.tmp`` beside ``NAME``; a process killed
+    before its rename leaves it behind. Call this only while holding the folder's
+    :class:`DirLock`. Returns the names removed.
+    """
+    folder = Path(folder)
+    stems = tuple(f"{name.lstrip('.')}." for name in names)
+    removed = []
+    for p in folder.glob(".*.tmp") if folder.is_dir() else []:
+        if p.name.lstrip(".").startswith(stems) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+def json_text(obj: Any) -> str:
+    """``obj`` as the indented JSON every file here is written in."""
+    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json_text(obj))
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -60,9 +136,15 @@ def read_json(path: str | os.PathLike) -> Any:
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                  metadata: Mapping[str, str] | None = None) -> None:
     """Save tensors as safetensors, atomically."""
-    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(data, str(tmp), metadata=dict(metadata) if metadata else None)
+        write_tensors(tmp, tensors, metadata)
+
+
+def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                  metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors as safetensors to ``path`` itself (inside :func:`atomic_paths`)."""
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(data, str(path), metadata=dict(metadata) if metadata else None)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

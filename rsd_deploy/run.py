@@ -17,6 +17,7 @@ from torch import nn
 
 from . import models
 from .blocks import FORMS
+from .data import DataInfo, is_count, is_names, is_numbers, is_size
 from .errors import RSDError
 from .io import load_tensors, read_json, save_tensors, write_json
 
@@ -25,20 +26,47 @@ RUN_FILE = "run.json"
 REQUIRED_KEYS = ("model", "form", "num_classes", "in_channels", "input_size")
 
 
+#: Type test and words of every entry a reader of ``run.json`` uses (optional ones too).
+_TYPES: dict[str, tuple[Any, str]] = {
+    "model": (lambda v: isinstance(v, str), "a model name"),
+    "num_classes": (is_count, "a positive integer"),
+    "in_channels": (is_count, "a positive integer"),
+    "input_size": (is_size, "[H, W], two positive integers"),
+    "classes": (is_names, "a list of class names"),
+    "normalization": (lambda v: isinstance(v, dict) and is_numbers(v.get("mean"))
+                      and is_numbers(v.get("std"), positive=True),
+                      'an object {"mean": [...], "std": [...]} of finite numbers, std positive'),
+    "tensorrt": (lambda v: isinstance(v, dict) and all(is_count(v.get(k)) for k in
+                                                       ("min_batch", "opt_batch", "max_batch")),
+                 "an object with positive integers min_batch, opt_batch and max_batch"),
+}
+
+
 def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """``run.json`` of ``run_dir``, checked for the keys needed to rebuild the model."""
+    """``run.json`` of ``run_dir``, every entry its readers use checked for presence and type."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RSDError(f"run directory {run_dir} does not exist")
-    meta = read_json(run_dir / RUN_FILE)
+    path = run_dir / RUN_FILE
+    meta = read_json(path)
     if not isinstance(meta, dict):
-        raise RSDError(f"{run_dir / RUN_FILE} must hold a JSON object")
+        raise RSDError(f"{path} must hold a JSON object")
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
-        raise RSDError(f"{run_dir / RUN_FILE} lacks {', '.join(missing)}")
-    models.get_spec(str(meta["model"]))  # unknown model -> RSDError
+        raise RSDError(f"{path} lacks {', '.join(missing)}")
+    for key, (test, words) in _TYPES.items():  # an optional entry may be null: not recorded
+        if (key in REQUIRED_KEYS or meta.get(key) is not None) and not test(meta.get(key)):
+            raise RSDError(f"{path}: {key} must be {words} (got {meta.get(key)!r})")
+    models.get_spec(meta["model"])  # unknown model -> RSDError
     if meta["form"] not in FORMS:
-        raise RSDError(f"{run_dir / RUN_FILE}: unknown form {meta['form']!r}")
+        raise RSDError(f"{path}: unknown form {meta['form']!r}")
+    if meta.get("classes") is not None and len(meta["classes"]) != meta["num_classes"]:
+        raise RSDError(f"{path}: {len(meta['classes'])} classes for num_classes {meta['num_classes']}")
+    if meta.get("data") is not None:
+        try:
+            DataInfo.from_json(meta["data"])
+        except RSDError as e:
+            raise RSDError(f"{path}: data: {e}") from None
     return meta
 
 

@@ -11,6 +11,7 @@ best reference logits lie within twice the error, which the tolerance bounds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +31,9 @@ class Tolerance:
     rtol: float
 
     def __post_init__(self) -> None:
-        if not (self.atol >= 0 and self.rtol >= 0):  # also rejects NaN
-            raise RSDError(f"tolerances must be non-negative (got atol={self.atol}, rtol={self.rtol})")
+        # An infinite tolerance makes a check that cannot fail; NaN fails ">= 0".
+        if not all(math.isfinite(t) and t >= 0 for t in (self.atol, self.rtol)):
+            raise RSDError(f"tolerances must be finite and non-negative (got atol={self.atol}, rtol={self.rtol})")
 
     def bound(self, scale: float) -> float:
         return self.atol + self.rtol * scale

@@ -203,6 +203,15 @@ def test_bad_options(rsd_run, args, fragment):
     assert_one_line_error(invoke(rsd_run, *args, "--warmup-s", "0", "--quiet"), fragment)
 
 
+def test_non_finite_times_are_refused(rsd_run, tmp_path):
+    """--warmup-s nan used to run and write NaN into bench.json (--min-s nan: see test_bench_stats)."""
+    out = tmp_path / "bench"
+    result = invoke(rsd_run, "--torch", "--iters", "1", "--batch-sizes", "1", "--warmup-s", "nan",
+                    "--out", out, "--quiet")
+    assert_one_line_error(result, "--warmup-s must be a finite number")
+    assert not out.exists()
+
+
 def test_bad_run_directories(runs, tmp_path):
     assert_one_line_error(invoke(tmp_path / "missing", "--ort", *FAST), "does not exist")
     deploy = make_run(runs, "resnet20", seed=6, dirname="deploy-as-run") / "deploy"

@@ -226,7 +226,11 @@ def test_calls_per_turn():
 @pytest.mark.parametrize(
     "kwargs",
     [dict(min_s=1.0, iters=5), dict(min_s=-1.0), dict(min_s=0.0), dict(iters=0),
-     dict(warmup_s=-1.0), dict(lead_calls=-1)],
+     dict(warmup_s=-1.0), dict(lead_calls=-1),
+     # NaN fails every comparison: a NaN min_s was never reached (measure ran forever) and
+     # a NaN warm-up was written into bench.json; infinity never ends either.
+     dict(min_s=float("nan")), dict(min_s=float("inf")), dict(warmup_s=float("nan")),
+     dict(warmup_s=float("inf")), dict(iters=3, round_s=float("nan"))],
 )
 def test_budget_rejects_bad_settings(kwargs):
     with pytest.raises(RSDError):

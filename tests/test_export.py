@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from rsd_deploy import models
 from rsd_deploy.cli import main
 from rsd_deploy.data import DataInfo, eval_dataset
-from rsd_deploy.export import ExportOptions, fuse_export
+from rsd_deploy.errors import RSDError
+from rsd_deploy.export import ExportOptions, fuse_export, sha256_file
 from rsd_deploy.onnx import ort_session
 from rsd_deploy.run import load_run
 from rsd_deploy.verify import ort_logits, torch_logits
@@ -212,6 +215,83 @@ def test_reexport_replaces_stale_artifacts(runs, tmp_path):
                                                "timing.cache"}
 
 
+def test_interrupted_export_removes_only_what_it_made(runs, tmp_path):
+    """Export A creates --out and is interrupted: only A's staging folder goes, never the
+    folder with what others put there; export B, started while A runs, is refused."""
+    out = tmp_path / "d"
+
+    def at_work(msg: str) -> None:
+        if msg.startswith("verifying"):  # A is staging inside out
+            with pytest.raises(RSDError, match=f"another fuse-export is writing to {out}"):
+                fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)))
+            (out / "notes.txt").write_text("someone else's")
+            raise KeyboardInterrupt  # Ctrl-C on A
+
+    with pytest.raises(KeyboardInterrupt):
+        fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)), log=at_work)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # The lock went with A: the next export runs.
+    fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)))
+    assert {p.name for p in out.iterdir()} == {"notes.txt", "model.safetensors", "run.json", "report.json"}
+
+
+def test_next_export_removes_what_a_killed_one_left(runs, tmp_path, monkeypatch):
+    out = tmp_path / "d"
+    fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)))
+    # Stopped half-way through publishing: the earlier report.json is removed first and
+    # the new one renamed last, so no report.json vouches for a folder of mixed exports.
+    real, moved = os.replace, []
+
+    def stop_at_second_move(src, dst, **kw):
+        if Path(dst).parent == out:
+            moved.append(Path(dst).name)
+            if len(moved) == 2:
+                raise KeyboardInterrupt
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", stop_at_second_move)
+    with pytest.raises(KeyboardInterrupt):
+        fuse_export(runs["vgg16"], ExportOptions(samples=4, out=str(out)))
+    monkeypatch.undo()
+    assert not (out / "report.json").exists()
+    # A SIGKILL mid-export leaves its staging folder: the next export removes it.
+    (out / ".fuse-export-k1ll3d").mkdir()
+    (out / ".fuse-export-k1ll3d" / "model.onnx").write_bytes(b"half")
+    seen = []
+    fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)), log=seen.append)
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "run.json", "report.json"}
+    assert "removed staging folders of interrupted exports: .fuse-export-k1ll3d" in seen
+    report = json.loads((out / "report.json").read_text())
+    assert all(sha256_file(out / name) == a["sha256"] for name, a in report["artifacts"].items())
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+
+def test_out_holding_a_run_is_refused(runs, tmp_path):
+    """--out into the run folder (or any run's) replaced its training weights and run.json."""
+    run = _copy_run(runs["resnet20"], tmp_path / "run")
+    other = _copy_run(runs["vgg16"], tmp_path / "other")
+    state_only = tmp_path / "killed"  # a run killed in its first epoch: only its resume state
+    state_only.mkdir()
+    (state_only / "checkpoint.safetensors").write_bytes(b"state")
+    cases = [(run, "is the run folder itself"), (tmp_path / "." / "run", "is the run folder itself"),
+             (other, "holds a training run (run.json of a 'rsd'-form run, metrics.jsonl"),
+             (state_only, "holds a training run (checkpoint.safetensors)")]
+    for out, message in cases:
+        before = _fingerprint(out)
+        res = _invoke("fuse-export", run, "--onnx", "--samples", "4", "--out", out)
+        assert res.exit_code == 1
+        assert message in _one_line_error(res)
+        assert _fingerprint(out) == before, out
+    # An earlier export's folder (deploy-form run.json with its source) is fine to replace.
+    deploy = tmp_path / "run-deploy"
+    fuse_export(run, ExportOptions(samples=4, out=str(deploy)))
+    fuse_export(runs["vgg16"], ExportOptions(samples=4, out=str(deploy)))
+    assert json.loads((deploy / "run.json").read_text())["model"] == "vgg16"
+
+
 # -- bad input: one-line error, non-zero exit, nothing written ----------------------------
 
 
@@ -263,6 +343,35 @@ def test_unknown_model(runs, tmp_path):
     res = _invoke("fuse-export", run, "--onnx")
     assert res.exit_code == 1
     assert "unknown model 'resnet21'" in _one_line_error(res)
+    _assert_nothing_written(run)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("input_size", "abc", "input_size must be [H, W], two positive integers (got 'abc')"),
+    ("input_size", [32, 0], "input_size must be [H, W]"),
+    ("num_classes", "ten", "num_classes must be a positive integer (got 'ten')"),
+    ("in_channels", True, "in_channels must be a positive integer (got True)"),
+    ("model", 20, "model must be a model name"),
+    ("classes", ["a", "b"], "2 classes for num_classes 10"),
+    ("normalization", {"mean": [0.5] * 3, "std": [0.0] * 3}, "normalization must be"),
+    ("data", {"input_size": [0, 0]}, "data: lacks name"),
+    ("data.input_size", [0, 0], "data: input_size must be [H, W], two positive integers (got [0, 0])"),
+    ("data.mean", [0.5, "x", 0.5], "data: mean must be a list of finite numbers"),
+    ("data.val_split", "../train", "data: val_split must be 'val' or 'test'"),
+])
+def test_wrong_typed_run_record(runs, tmp_path, key, value, message):
+    """read_run checked that keys exist, not their types: tracebacks deep in the export."""
+    run = _copy_run(runs["resnet20"], tmp_path / "run")
+    meta = json.loads((run / "run.json").read_text())
+    if key.startswith("data."):
+        meta["data"][key[len("data."):]] = value
+    else:
+        meta[key] = value
+    (run / "run.json").write_text(json.dumps(meta))
+    res = _invoke("fuse-export", run, "--onnx", "--samples", "4")
+    assert res.exit_code == 1
+    line = _one_line_error(res)
+    assert str(run / "run.json") in line and message in line, line
     _assert_nothing_written(run)
 
 

@@ -54,6 +54,9 @@ def test_parity_rejects_non_finite_and_shape_mismatch():
         compare(ref, np.zeros((2, 4)))
     with pytest.raises(RSDError, match="non-negative"):
         Tolerance(-1.0, 0.0)
+    for bad in (float("nan"), float("inf")):  # inf: a check that cannot fail
+        with pytest.raises(RSDError, match="finite"):
+            Tolerance(1e-4, bad)
 
 
 def test_tile_batch():
@@ -131,4 +134,6 @@ def test_options_validation():
         ExportOptions(trt=True, max_batch=8, opt_batch=16).validate()
     with pytest.raises(RSDError, match="non-negative"):
         ExportOptions(atol=-1).validate()
+    with pytest.raises(RSDError, match="finite"):
+        ExportOptions(trt=True, trt_rtol=float("inf")).validate()
     assert ExportOptions(trt=True).writes_onnx

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,32 @@ def test_bad_options_are_one_line_errors(args, needles, tmp_path, monkeypatch):
     assert not list(tmp_path.glob("runs/*")), "a failed run left its directory behind"
 
 
+@pytest.mark.parametrize("args,needles", [
+    (["--lr", "nan"], ["--lr must be a finite number (got nan)"]),
+    (["--lr", "inf"], ["--lr must be a finite number (got inf)"]),
+    (["--momentum", "nan"], ["--momentum must be a finite number"]),
+    (["--temperature", "nan"], ["--temperature must be a finite number"]),
+    (["--weight-decay", "-inf"], ["--weight-decay must be a finite number"]),
+    (["--alpha", "-5"], ["--alpha must be >= 0 (got -5.0)"]),
+    (["--alpha", "0", "--beta", "0"], ["--alpha and --beta cannot both be 0"]),
+    (["--momentum", "1.5"], ["--momentum must be in [0, 1)"]),
+    (["--drop-rate", "1"], ["--drop-rate must be in [0, 1)"]),
+    (["--seed", "-1"], ["--seed must be >= 0"]),
+    (["--seed", "99999999999999999999999"], ["--seed must fit in 64 bits"]),
+    (["--model", "vgg16", "--input-size", "8"], ["--input-size 8 is too small for vgg16 (it needs at least 16)"]),
+    (["--model", "densenet40_12", "--input-size", "2"], ["too small for densenet40_12 (it needs at least 4)"]),
+])
+def test_nonsense_numbers_are_refused_before_any_work(args, needles, tmp_path):
+    """NaN passes `x <= 0`, so every float is checked for finiteness first; ranges after.
+
+    The tiny options make a run that slips through finish in seconds (and fail the test).
+    """
+    out = tmp_path / "run"
+    tiny = [*TINY, "--method", "baseline", "--epochs", "1", "--max-steps", "1", "--out", str(out)]
+    _one_line_error(_run("train", *tiny, *args), *needles)
+    assert not out.exists()
+
+
 def test_unwritable_out_is_an_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -129,11 +156,30 @@ def test_existing_run_needs_resume(tmp_path):
     ('{"epochs": 2,', ".json", ["not valid JSON"]),
     ('epochs = [', ".toml", ["not valid TOML"]),
     ('[1, 2]', ".json", ["table of settings"]),
+    ('{"lr": NaN}', ".json", ["--lr must be a finite number (got nan)"]),
+    ('{"lr_gamma": -Infinity}', ".json", ["--lr-gamma must be a finite number"]),
+    ('temperature = nan', ".toml", ["--temperature must be a finite number"]),
+    ('lr_milestones = [5, 99999999999999999999]', ".toml", ["--lr-milestones must fit in 64 bits"]),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, text, suffix, needles):
     recipe = tmp_path / f"recipe{suffix}"
     recipe.write_text(text)
-    _one_line_error(_run("train", "--config", str(recipe)), *needles)
+    out = tmp_path / "run"  # tiny options: a recipe that slips through trains in seconds
+    _one_line_error(_run("train", "--config", str(recipe), *TINY, "--epochs", "1", "--max-steps", "1",
+                         "--out", str(out)), *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--batch-size", "0"], ["--batch-size must be at least 1 (got 0)"]),
+    (["--workers", "-1"], ["--workers must be >= 0 (got -1)"]),
+])
+def test_eval_refuses_what_train_refuses(tmp_path, args, needles):
+    """train checked --batch-size and --workers, eval did not (a traceback from the DataLoader)."""
+    out = tmp_path / "run"
+    assert _run("train", "--method", "baseline", "--epochs", "1", "--max-steps", "1", *TINY,
+                "--out", str(out)).exit_code == 0
+    _one_line_error(_run("eval", str(out), "--device", "cpu", *args), *needles)
 
 
 def test_missing_recipe_and_eval_of_missing_run(tmp_path):
@@ -150,3 +196,63 @@ def test_config_type_checks():
     assert config.lr == 1.0 and isinstance(config.lr, float) and config.lr_milestones == [2, 4]
     assert config.resolved_input_size() == 16  # digits default
     assert TrainConfig(data="imagefolder").resolved_input_size() == 32
+
+
+# Bad image folders (issue 14, case 7): one line naming the folder or the file. ---------------
+
+IMAGE_TINY = ["--data", "imagefolder", "--input-size", "8", "--train-samples", "32", "--batch-size", "16",
+              "--epochs", "1", "--method", "baseline", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture
+def images(tmp_path, cifar_mini) -> Path:
+    """Two classes of real images: 20 per class in train/, 8 in val/."""
+    root = tmp_path / "images"
+    for split, n in (("train", 20), ("val", 8)):
+        for cls in ("airplane", "cat"):
+            (root / split / cls).mkdir(parents=True)
+            for src in sorted((cifar_mini / split / cls).iterdir())[:n]:
+                shutil.copy(src, root / split / cls / src.name)
+    return root
+
+
+def _corrupt(path: Path) -> Path:
+    path.write_bytes(b"\x00 not an image " * 8)
+    return path
+
+
+@pytest.mark.parametrize("damage,workers,needles", [
+    ("empty train", "0", ["train: Couldn't find any class folder"]),
+    ("empty class", "0", ["train: Found no valid file for the classes bird"]),
+    ("corrupt train image", "0", ["cannot read image", "train/cat/broken.jpg"]),
+    ("corrupt val image", "0", ["cannot read image", "val/cat/broken.jpg"]),
+    # Through a DataLoader worker process, which wraps the error in its traceback.
+    ("corrupt val image", "1", ["cannot read image", "val/cat/broken.jpg"]),
+])
+def test_bad_image_folders(images, tmp_path, damage, workers, needles):
+    if damage == "empty train":
+        shutil.rmtree(images / "train")
+        (images / "train").mkdir()
+    elif damage == "empty class":
+        (images / "train" / "bird").mkdir()
+    else:
+        _corrupt(images / ("train" if "train" in damage else "val") / "cat" / "broken.jpg")
+    out = tmp_path / "run"
+    result = _run("train", *IMAGE_TINY, "--data-dir", str(images), "--workers", workers, "--out", str(out))
+    _one_line_error(result, *needles)
+    assert not out.exists()
+
+
+def test_eval_of_a_moved_or_damaged_validation_split(images, tmp_path):
+    out = tmp_path / "run"
+    assert _run("train", *IMAGE_TINY, "--data-dir", str(images), "--workers", "0",
+                "--out", str(out)).exit_code == 0
+    assert _run("eval", str(out), "--device", "cpu", "--workers", "0").exit_code == 0
+    broken = _corrupt(images / "val" / "airplane" / "broken.png")
+    for workers in ("0", "1"):
+        _one_line_error(_run("eval", str(out), "--device", "cpu", "--workers", workers),
+                        f"cannot read image {broken}")
+    moved = tmp_path / "moved"
+    (moved / "train").mkdir(parents=True)
+    _one_line_error(_run("eval", str(out), "--data-dir", str(moved), "--device", "cpu", "--workers", "0"),
+                    f"{moved} has no val/ folder")

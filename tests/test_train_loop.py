@@ -5,20 +5,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from rsd_deploy.errors import RSDError
 from rsd_deploy.fuse import fuse_model
 from rsd_deploy.io import load_tensors
 from rsd_deploy.run import load_run
 from rsd_deploy.training import TrainConfig, train
-from rsd_deploy.training import checkpoint
+from rsd_deploy.training import checkpoint, loop
 from rsd_deploy.training.evaluation import evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +58,7 @@ def rsd_run(tmp_path_factory) -> Path:
 def test_run_directory_contract(rsd_run):
     names = {p.name for p in rsd_run.iterdir()}
     assert names == {"model.safetensors", "run.json", "metrics.jsonl", "curves.png",
-                     "checkpoint.safetensors", "checkpoint.json"}  # no temp files left
+                     "checkpoint.safetensors"}  # no temp files left
     meta = json.loads((rsd_run / "run.json").read_text())
     assert meta["model"] == "resnet20" and meta["form"] == "rsd" and meta["method"] == "rsd"
     assert meta["num_classes"] == 10 and meta["classes"] == [str(i) for i in range(10)]
@@ -100,7 +105,7 @@ def test_killed_after_an_epoch_and_resumed_is_bit_identical(rsd_run, tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert json.loads((out / "checkpoint.json").read_text())["epoch"] == 1
+    assert checkpoint.read_progress(out) == (1, 4)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
     train(_config(), out, resume=True, quiet=True)
@@ -130,7 +135,7 @@ def test_max_steps_stops_mid_epoch_keeping_last_full_checkpoint(tmp_path):
     train(_config(method="baseline", epochs=3, max_steps=6), out, quiet=True)
     meta = json.loads((out / "run.json").read_text())
     assert meta["metrics"]["steps"] == 6 and meta["metrics"]["complete"] is False
-    assert json.loads((out / "checkpoint.json").read_text())["epoch"] == 1
+    assert checkpoint.read_progress(out) == (1, 4)
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
@@ -150,27 +155,290 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert meta["form"] == "plain" and meta["method"] == "baseline"
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
     assert set(meta["metrics"]["terms"]) == {"ce"}
-    assert json.loads((out / "checkpoint.json").read_text())["epoch"] == 1
+    assert checkpoint.read_progress(out) == (1, 4)
+
+
+# Resume state: damaged, edited, old format; one-step epoch writes (issue 14) ---------------
+
+
+def _state_entry(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    key = next((k for k in metadata if "resume" in k), "")
+    return tensors, metadata, key
+
+
+def _edit_state(run: Path, edit) -> None:
+    """Apply ``edit`` to the JSON part of the resume state in place, in either format."""
+    legacy = run / "checkpoint.json"
+    if legacy.exists():  # format 1, before issue 14
+        state = json.loads(legacy.read_text())
+        edit(state)
+        legacy.write_text(json.dumps(state))
+        return
+    tensors, metadata, key = _state_entry(run / checkpoint.STATE_FILE)
+    state = json.loads(metadata[key])
+    edit(state)
+    save_file(tensors, str(run / checkpoint.STATE_FILE), metadata={**metadata, key: json.dumps(state)})
+
+
+def _to_format_1(run: Path) -> None:
+    """Rewrite the resume state as a run written before issue 14 kept it: two files."""
+    tensors, metadata, key = _state_entry(run / checkpoint.STATE_FILE)
+    state = json.loads(metadata[key])
+    (run / "checkpoint.json").write_text(json.dumps(dict(state, format=1)))
+    save_file(tensors, str(run / checkpoint.STATE_FILE), metadata={"epoch": str(state["epoch"])})
+
+
+def _files(run: Path) -> dict[str, str]:
+    return {p.name: _sha(p) for p in run.iterdir()}
 
 
 def test_corrupt_resume_state_is_an_error(rsd_run, tmp_path):
-    import shutil
-
-    for damage in ("truncate", "json", "mismatch"):
-        run = tmp_path / damage
+    for damage in ("truncate", "not safetensors", "no state", "state json", "format 1 pair of two epochs"):
+        run = tmp_path / damage.replace(" ", "-")
         shutil.copytree(rsd_run, run)
+        path = run / checkpoint.STATE_FILE
         if damage == "truncate":
-            data = (run / checkpoint.TENSORS_FILE).read_bytes()
-            (run / checkpoint.TENSORS_FILE).write_bytes(data[: len(data) // 2])
-        elif damage == "json":
-            (run / checkpoint.STATE_FILE).write_text('{"format": 1, "epoch": ')
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        elif damage == "not safetensors":
+            path.write_text('{"format": 2, "epoch": ')
+        elif damage == "no state":
+            tensors, _, _ = _state_entry(path)
+            save_file(tensors, str(path))
+        elif damage == "state json":
+            tensors, metadata, key = _state_entry(path)
+            save_file(tensors, str(path), metadata={key: metadata[key][:-10]})
         else:
-            state = json.loads((run / checkpoint.STATE_FILE).read_text())
-            state["epoch"] = 1
-            (run / checkpoint.STATE_FILE).write_text(json.dumps(state))
+            _to_format_1(run)
+            _edit_state(run, lambda s: s.update(epoch=1, history=s["history"][:1]))
+        before = _files(run)
         with pytest.raises(RSDError) as err:
             train(_config(epochs=3), run, resume=True, quiet=True)
-        assert "\n" not in str(err.value) and str(run) in str(err.value)
+        assert "\n" not in str(err.value) and str(run) in str(err.value), damage
+        assert _files(run) == before, damage
+    assert "is inconsistent: checkpoint.safetensors is from epoch 2, its state from epoch 1" in str(err.value)
+
+
+def _no_history_loss(state):
+    del state["history"][0]["loss"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update(epoch="abc"), "epoch must be a non-negative integer (got 'abc')"),
+    (lambda s: s.update(step=-4), "step must be a non-negative integer (got -4)"),
+    (lambda s: s.update(config=[]), "config must be an object (got [])"),
+    (lambda s: s["config"].update(lr=float("nan")), "--lr must be a finite number"),
+    (lambda s: s["config"].update(bogus=1), "unknown key 'bogus'"),
+    (lambda s: s.update(history=[{"epoch": 1}]), "history must list the 2 epochs completed"),
+    (lambda s: s["history"][1].update(epoch=7), "history entry 2 must be epoch 2 (got 7)"),
+    (_no_history_loss, "history entry 1 lacks loss (numbers)"),
+    (lambda s: s["history"][0].update(terms=["ce"]), "history entry 1 must hold terms"),
+    (lambda s: s.update(optimizer=None), "optimizer must be an object"),
+    (lambda s: s.update(scaler=3), "scaler must be an object or null"),
+])
+def test_edited_resume_state_is_refused_before_any_work(rsd_run, tmp_path, monkeypatch, edit, message):
+    """Every entry is checked up front: a bad one used to surface as a traceback, some only
+    after a whole epoch, with that epoch's files half written (issue 14, case 6)."""
+    from click.testing import CliRunner
+
+    from rsd_deploy.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(rsd_run, run)
+    _edit_state(run, edit)
+    before = _files(run)
+    trained = []
+    real = loop._train_epoch
+    monkeypatch.setattr(loop, "_train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
+    result = CliRunner().invoke(main, ["train", "--resume", "--out", str(run), "--epochs", "3", "--quiet"])
+    assert result.exit_code == 1, result.output
+    line = result.output.strip()
+    assert line.startswith("error: ") and "\n" not in line and message in line, line
+    assert not trained and _files(run) == before
+
+
+def test_format_1_resume_state_still_resumes(tmp_path):
+    """A run written before issue 14 (checkpoint.json beside the tensors) resumes exactly;
+    its first epoch commits the one-file state and removes checkpoint.json."""
+    new, old = tmp_path / "new", tmp_path / "old"
+    train(_config(method="baseline", epochs=1), new, quiet=True)
+    shutil.copytree(new, old)
+    _to_format_1(old)
+    for run in (new, old):
+        train(_config(method="baseline", epochs=2), run, resume=True, quiet=True)
+    assert not (old / "checkpoint.json").exists()
+    assert checkpoint.read_progress(old) == (2, 8)
+    a, b = load_tensors(old / "model.safetensors"), load_tensors(new / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_epoch_is_written_as_one_step(rsd_run, tmp_path, monkeypatch):
+    """A failure while writing an epoch's files (here: the plot) changes none of them."""
+    run = tmp_path / "run"
+    shutil.copytree(rsd_run, run)
+    before = _files(run)
+    model, meta = load_run(run)
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    with torch.no_grad():
+        model.head[-1].bias.add_(1.0)  # a later epoch's weights
+    commit = dict(epoch=3, step=12, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scaler=None,
+                  config=meta["config"], history=history + [dict(history[-1], epoch=3)])
+
+    def broken_plot(history, path):
+        Path(path).write_bytes(b"half a png")
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(loop, "plot_curves", broken_plot)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        loop._write_epoch(run, model=model, meta=dict(meta, metrics={}), history=commit["history"],
+                          state=commit)
+    assert _files(run) == before  # no temporary file left either
+    monkeypatch.undo()
+    loop._write_epoch(run, model=model, meta=meta, history=commit["history"], state=commit)
+    assert checkpoint.read_progress(run) == (3, 12)
+    assert torch.equal(load_tensors(run / "model.safetensors")[f"head.{len(model.head) - 1}.bias"], model.head[-1].bias)
+
+
+def test_resume_into_an_unwritable_folder_fails_before_training(rsd_run, tmp_path, monkeypatch):
+    """Fresh runs tested --out for writing first; a resumed one trained a whole epoch first.
+
+    Running as root, a read-only folder is still writable, so the write failure is
+    simulated where every file is created: mkstemp beside the target.
+    """
+    run = tmp_path / "run"
+    shutil.copytree(rsd_run, run)
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kw):
+        if dir is not None and Path(dir) == run:
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    trained = []
+    real = loop._train_epoch
+    monkeypatch.setattr(loop, "_train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
+    with pytest.raises(RSDError, match=f"cannot write to {run}"):
+        train(_config(epochs=3), run, resume=True, quiet=True)
+    assert not trained
+
+
+def test_a_new_run_sweeps_what_killed_runs_left(tmp_path):
+    """A SIGKILL during a write leaves its temporary file (8 MB for a checkpoint); the next
+    run in the folder removes such files, and only those (issue 14, case 10)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [".checkpoint.safetensors.k1ll3d00.tmp", ".model.safetensors.abcdefgh.tmp",
+             "..curves.png.abcdefgh.tmp.ijklmnop.tmp", "..write-test.x1y2z3w4.tmp"]
+    for name in stale:
+        (out / name).write_bytes(b"half")
+    (out / ".notes.tmp").write_text("not ours")
+    train(_config(method="baseline", epochs=1), out, quiet=True)
+    assert not [name for name in stale if (out / name).exists()]
+    assert (out / ".notes.tmp").read_text() == "not ours"
+
+
+def test_one_training_process_per_run_folder(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    from rsd_deploy.io import DirLock
+
+    with DirLock(out, "training run"):  # as another process training there would hold it
+        with pytest.raises(RSDError, match=f"another training run is writing to {out}"):
+            train(_config(method="baseline", epochs=1), out, quiet=True)
+    assert not list(out.iterdir())
+
+
+# The kill test: SIGKILL before every rename of a run's start and epoch ends ------------------
+
+_KILLER = r"""
+import json, os, signal, sys, traceback
+from pathlib import Path
+import torch
+torch.set_num_threads(1)  # forked children compute: one thread, as in the reference run
+from rsd_deploy.training import TrainConfig, checkpoint, train
+from rsd_deploy.training.plots import plot_curves
+from rsd_deploy.data import load_datasets
+
+config = TrainConfig.from_dict(json.loads(sys.argv[1])).validate()
+base = Path(sys.argv[2])
+real_replace = os.replace
+# Pay the one-time costs (sklearn, torchvision, matplotlib's first draw) once, before forking;
+# none of this runs a torch kernel, so the children start with an untouched thread pool.
+load_datasets("digits", input_size=8)
+plot_curves([{"epoch": 1, "loss": 1.0, "terms": {"ce": 1.0}, "train_acc": 0.5}], base / "warm.png")
+
+
+def child(out, *, kill_at=0, log=None):
+    # Train (or resume) into out in a forked child; SIGKILL it before its kill_at-th rename there.
+    pid = os.fork()
+    if pid == 0:
+        renames = []
+
+        def replace(src, dst, *a, **k):
+            if Path(dst).parent == out:
+                renames.append(Path(dst).name)
+                if len(renames) == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real_replace(src, dst, *a, **k)
+
+        os.replace = replace
+        code = 0
+        try:
+            train(config, out, resume=checkpoint.exists(out), quiet=True)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        if log:
+            Path(log).write_text(json.dumps(renames))
+        os._exit(code)
+    return os.waitpid(pid, 0)[1]
+
+
+assert child(base / "reference", log=base / "renames.json") == 0
+renames = json.loads((base / "renames.json").read_text())
+results = []
+for k in range(1, len(renames) + 1):
+    out = base / f"kill-{k:02d}"
+    killed = child(out, kill_at=k)
+    recovered = child(out)
+    results.append({"kill_at": k, "before": renames[k - 1], "killed": killed, "recovered": recovered})
+print(json.dumps({"renames": renames, "results": results}))
+"""
+
+
+@pytest.mark.slow
+def test_killed_at_every_write_of_an_epoch_end_resumes_to_the_same_result(tmp_path):
+    """SIGKILL just before each rename into the run folder (so each epoch's end is cut after
+    every one of its writes, with its temporary file left behind), then --resume (or a fresh
+    start, when no resume state was committed yet): every run ends bit-identical to the
+    uninterrupted one, with no temporary files left (issue 14, cases 2 and 10)."""
+    cfg = dict(TINY, method="baseline", val_samples=64)
+    proc = subprocess.run([sys.executable, "-c", _KILLER, json.dumps(cfg), str(tmp_path)], env=_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    epoch_end = ["model.safetensors", "run.json", "metrics.jsonl", "curves.png", "checkpoint.safetensors"]
+    ref = tmp_path / "reference"
+    want = {name: load_tensors(ref / name) for name in ("model.safetensors", "checkpoint.safetensors")}
+    want_metrics = [{k: v for k, v in json.loads(line).items() if k not in ("epoch_time", "images_per_sec")}
+                    for line in (ref / "metrics.jsonl").read_text().splitlines()]
+    for r in report["results"]:
+        run = tmp_path / f"kill-{r['kill_at']:02d}"
+        assert r["killed"] == signal.SIGKILL and r["recovered"] == 0, (r, proc.stderr[-3000:])
+        assert sorted(p.name for p in run.iterdir()) == sorted(epoch_end), r  # no litter
+        for name, tensors in want.items():
+            got = load_tensors(run / name)
+            assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in got), (r, name)
+        metrics = [{k: v for k, v in json.loads(line).items() if k not in ("epoch_time", "images_per_sec")}
+                   for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert metrics == want_metrics, r
+        assert json.loads((run / "run.json").read_text())["metrics"]["epochs_completed"] == 2
+    # Killed before each of these: the start (write test, then the epoch-0 resume state),
+    # then every write of two epoch ends.
+    assert report["renames"] == [".write-test", "checkpoint.safetensors"] + 2 * epoch_end
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ steady), which a deployed model serving alone never pays.
 from __future__ import annotations
 
 import gc
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -46,17 +47,19 @@ class Budget:
     lead_calls: int = 1
 
     def __post_init__(self) -> None:
-        if self.warmup_s < 0:
-            raise RSDError(f"--warmup-s must be >= 0 (got {self.warmup_s})")
+        # Written as "not (x >= 0)" so that NaN, which fails every comparison, is refused too:
+        # a NaN --min-s would never be reached and the measurement would run forever.
+        if not (math.isfinite(self.warmup_s) and self.warmup_s >= 0):
+            raise RSDError(f"--warmup-s must be a finite number >= 0 (got {self.warmup_s})")
         if self.min_s is not None and self.iters is not None:
             raise RSDError("give either --min-s or --iters, not both")
         if self.min_s is None and self.iters is None:
             object.__setattr__(self, "min_s", DEFAULT_MIN_S)
-        if self.min_s is not None and self.min_s <= 0:
-            raise RSDError(f"--min-s must be positive (got {self.min_s})")
+        if self.min_s is not None and not (math.isfinite(self.min_s) and self.min_s > 0):
+            raise RSDError(f"--min-s must be a finite positive number (got {self.min_s})")
         if self.iters is not None and self.iters < 1:
             raise RSDError(f"--iters must be at least 1 (got {self.iters})")
-        if self.round_s <= 0 or self.min_rounds < 1 or self.lead_calls < 0:
+        if not (math.isfinite(self.round_s) and self.round_s > 0) or self.min_rounds < 1 or self.lead_calls < 0:
             raise RSDError("round_s must be positive, min_rounds at least 1 and lead_calls at least 0")
 
     def to_json(self) -> dict[str, float | int | None]:

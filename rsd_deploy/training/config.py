@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,27 +81,11 @@ class TrainConfig:
         _choice("data", self.data, DATASETS)
         _choice("device", self.device, DEVICES)
         _choice("schedule", self.schedule, SCHEDULES)
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise RSDError(f"--{_flag(name)} must be at least 1 (got {getattr(self, name)})")
-        for name in ("input_size", "train_samples", "val_samples", "max_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise RSDError(f"--{_flag(name)} must be at least 1 (got {value})")
-        if self.workers < 0:
-            raise RSDError(f"--workers must be >= 0 (got {self.workers})")
-        if self.lr <= 0 or self.lr_gamma <= 0:
-            raise RSDError("--lr and --lr-gamma must be positive")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise RSDError("--momentum and --weight-decay must be >= 0")
-        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
-            raise RSDError(f"--warmup-epochs must be a number >= 0 (got {self.warmup_epochs})")
-        if self.clip_grad_norm is not None and not (
-            math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0
-        ):
-            raise RSDError(f"--clip-grad-norm must be a positive number (got {self.clip_grad_norm})")
-        if self.precise_bn < 0:
-            raise RSDError(f"--precise-bn must be >= 0 batches (got {self.precise_bn})")
+        _check_numbers(self)
+        if self.alpha == 0 and self.beta == 0:
+            raise RSDError("--alpha and --beta cannot both be 0 (the loss would be 0)")
+        if self.input_size is not None:
+            _check_input_size(self.model, self.input_size)
         if sorted(self.lr_milestones) != list(self.lr_milestones) or any(
             m < 1 for m in self.lr_milestones
         ):
@@ -160,6 +145,65 @@ class TrainConfig:
                 raise RSDError(f"{source}: unknown key {key!r} (known: {', '.join(fields)})")
             setattr(new, name, _coerce(name, value, getattr(defaults, name), source))
         return new
+
+
+#: Range of each numeric option: a test and the words for it. A field not listed here
+#: still gets the checks every number gets (see :func:`_check_numbers`).
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_POSITIVE = (lambda v: v > 0, "positive")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "eval_batch_size": _AT_LEAST_1,
+    "input_size": _AT_LEAST_1, "train_samples": _AT_LEAST_1, "val_samples": _AT_LEAST_1,
+    "max_steps": _AT_LEAST_1, "workers": _NON_NEGATIVE, "seed": _NON_NEGATIVE,
+    "lr": _POSITIVE, "lr_gamma": _POSITIVE, "momentum": _FRACTION, "weight_decay": _NON_NEGATIVE,
+    "drop_rate": _FRACTION, "alpha": _NON_NEGATIVE, "beta": _NON_NEGATIVE, "temperature": _POSITIVE,
+    "warmup_epochs": _NON_NEGATIVE, "clip_grad_norm": _POSITIVE, "precise_bn": _NON_NEGATIVE,
+}
+_INT_MAX = 2**63 - 1  #: every integer must fit in int64 (seeds, sizes and counts end up in torch)
+
+
+def _check_numbers(config: TrainConfig) -> None:
+    """Every float finite, every integer within int64, every listed field in its range.
+
+    NaN fails every comparison, so a range test alone (``x <= 0``) would let it through:
+    non-finite values are refused first, for every float field, recipe or command line.
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise RSDError(f"--{_flag(f.name)} must be a finite number (got {v})")
+            if isinstance(v, int) and not isinstance(v, bool) and not -_INT_MAX <= v <= _INT_MAX:
+                raise RSDError(f"--{_flag(f.name)} must fit in 64 bits, |value| < 2**63 (got {v})")
+        test, words = _RANGES.get(f.name, (None, ""))
+        if test is not None and value is not None and not test(value):
+            raise RSDError(f"--{_flag(f.name)} must be {words} (got {value})")
+
+
+def _check_input_size(model: str, size: int) -> None:
+    """Refuse an input side the architecture cannot take (its pooling would leave nothing).
+
+    The check runs the plain architecture on the meta device: shapes only, no memory, no maths.
+    """
+    import torch
+
+    with torch.device("meta"):
+        net = models.create(model, num_classes=2, form="deploy").eval()
+
+    def fits(side: int) -> bool:
+        try:
+            with torch.no_grad():
+                net(torch.empty(2, 3, side, side, device="meta"))
+        except RuntimeError:
+            return False
+        return True
+
+    if not fits(size):
+        largest = models.get_spec(model).input_size
+        smallest = next((s for s in range(size + 1, largest) if fits(s)), largest)
+        raise RSDError(f"--input-size {size} is too small for {model} (it needs at least {smallest})")
 
 
 _OPTIONAL_INT = {"input_size", "train_samples", "val_samples", "max_steps"}

@@ -54,13 +54,14 @@ def autocast(device: torch.device, amp: bool):
 def evaluate_run(run_dir: str | os.PathLike, *, data_dir: str | None = None, batch_size: int = 256,
                  device: str = "auto", workers: int = 2) -> dict:
     """Top-1 / top-5 of the run in ``run_dir`` (training or deploy form) on its validation split."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise RSDError(f"--batch-size must be at least 1 (got {batch_size})")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise RSDError(f"--workers must be >= 0 (got {workers})")
     model, meta = load_run(run_dir)
-    if "data" not in meta:
+    if meta.get("data") is None:
         raise RSDError(f"{run_dir}/run.json records no data set; cannot evaluate it")
-    try:
-        info = DataInfo.from_json(meta["data"])
-    except TypeError as e:
-        raise RSDError(f"{run_dir}/run.json has an unreadable data entry: {e}") from None
+    info = DataInfo.from_json(meta["data"])  # checked by load_run
     if data_dir is not None:
         info.dir = str(data_dir)
     ds = eval_dataset(info)

@@ -3,9 +3,10 @@
 :func:`train` runs one configuration (:class:`~rsd_deploy.training.config.TrainConfig`)
 to completion and returns the run directory: ``model.safetensors`` and ``run.json``
 (the contract export and benchmarks read), ``metrics.jsonl`` (one line per epoch),
-``curves.png`` and the resume state (``checkpoint.*``), all rewritten atomically after
-every epoch. A non-finite loss stops the run with an :class:`RSDError` naming the
-epoch and step, before anything of that epoch is written.
+``curves.png`` and the resume state (``checkpoint.safetensors``), all rewritten after
+every epoch as one step, the resume state last: it commits the epoch, and a run killed
+at any moment resumes from the last one committed. A non-finite loss stops the run with
+an :class:`RSDError` naming the epoch and step, before anything of that epoch is written.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .. import __version__, models
 from ..data import DataInfo, load_datasets
 from ..errors import RSDError
-from ..io import atomic_path
-from ..run import RUN_FILE, save_run
+from ..io import DirLock, atomic_path, atomic_paths, json_text, remove_stale_temps, write_tensors
+from ..run import RUN_FILE, WEIGHTS_FILE
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .evaluation import autocast, evaluate
@@ -40,6 +41,9 @@ from .rsd import CEStep, RSDStep
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+_WRITE_TEST = ".write-test"
+#: Every file the loop writes into a run directory (their killed temporaries are swept).
+RUN_FILES = (WEIGHTS_FILE, RUN_FILE, METRICS_FILE, CURVES_FILE, *checkpoint.FILES, _WRITE_TEST)
 #: Options that may differ when a run is resumed; everything else must match.
 RESUMABLE_CHANGES = ("epochs", "max_steps", "device", "workers", "eval_batch_size")
 
@@ -125,29 +129,53 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
+def _lock_run_dir(run_dir: Path) -> DirLock:
+    """Create ``run_dir`` if needed and lock it: one training process writes a run at a time."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RSDError(f"--out {run_dir} exists and is not a directory")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RSDError(f"cannot write to --out {run_dir}: {e.strerror or e}") from None
+    return DirLock(run_dir, "training run")
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> list[str]:
+    """Check the locked ``run_dir`` for this start; sweep what killed runs left (their names)."""
     if resume:
         if not checkpoint.exists(run_dir):
             raise RSDError(f"{run_dir} holds no resume state; cannot --resume it")
-        return
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RSDError(f"--out {run_dir} exists and is not a directory")
-    if (run_dir / RUN_FILE).exists() or checkpoint.exists(run_dir):
+    elif (run_dir / RUN_FILE).exists() or checkpoint.exists(run_dir):
         raise RSDError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    try:  # fail now, not after the first epoch, when --out is not writable
-        with atomic_path(run_dir / ".write-test") as tmp:
+    try:  # fail now, not after the first epoch, when --out is not writable (resumed runs too)
+        with atomic_path(run_dir / _WRITE_TEST) as tmp:
             tmp.write_text("")
-        (run_dir / ".write-test").unlink()
+        (run_dir / _WRITE_TEST).unlink()
     except OSError as e:
         raise RSDError(f"cannot write to --out {run_dir}: {e.strerror or e}") from None
+    return remove_stale_temps(run_dir, RUN_FILES)
 
 
 def _write_epoch(run_dir: Path, *, model: nn.Module, meta: dict[str, Any],
-                 history: list[dict[str, Any]]) -> None:
-    save_run(run_dir, model, meta)
-    with atomic_path(run_dir / METRICS_FILE) as tmp:
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    plot_curves(history, run_dir / CURVES_FILE)
+                 history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
+    """Write an epoch's files as one step, the resume state (``state``, when given) last.
+
+    Every file is written under a temporary name before any is renamed, so a failure
+    while writing (say, a plot error) changes nothing. The resume state commits the
+    epoch: a kill between the renames leaves the previous one, and --resume redoes the
+    epoch, rewriting every file.
+    """
+    names = [WEIGHTS_FILE, RUN_FILE, METRICS_FILE, CURVES_FILE] + ([checkpoint.STATE_FILE] if state else [])
+    with atomic_paths([run_dir / name for name in names]) as tmps:
+        files = dict(zip(names, tmps))
+        write_tensors(files[WEIGHTS_FILE], model.state_dict())
+        files[RUN_FILE].write_text(json_text(meta))
+        files[METRICS_FILE].write_text("".join(json.dumps(h) + "\n" for h in history))
+        plot_curves(history, files[CURVES_FILE])
+        if state:
+            checkpoint.write(files[checkpoint.STATE_FILE], model=model, **state)
+    if state:
+        (run_dir / checkpoint.LEGACY_STATE_FILE).unlink(missing_ok=True)  # a format-1 run's, superseded
 
 
 # Training --------------------------------------------------------------------------------
@@ -214,7 +242,15 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
     existed = run_dir.exists()
     ctx = distributed.setup(config.device)
     try:
-        return _train(config, run_dir, ctx, resume=resume, quiet=quiet, on_epoch_end=on_epoch_end)
+        with _lock_run_dir(run_dir) if ctx.is_main else contextlib.nullcontext():
+            # Under the lock, a resume state found now is an earlier run's; one found later, ours.
+            fresh = ctx.is_main and not resume and not checkpoint.exists(run_dir)
+            try:
+                return _train(config, run_dir, ctx, resume=resume, quiet=quiet, on_epoch_end=on_epoch_end)
+            except BaseException:
+                if fresh:
+                    checkpoint.discard_start(run_dir)  # no epoch committed: leave no half-started run
+                raise
     except BaseException:
         if ctx.is_main and not existed:
             with contextlib.suppress(OSError):  # rmdir removes only an empty directory:
@@ -228,7 +264,9 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
            quiet: bool, on_epoch_end: EpochCallback | None) -> Path:
     say = (lambda *a: None) if quiet or not ctx.is_main else (lambda *a: print(*a, flush=True))
     if ctx.is_main:
-        _prepare_run_dir(run_dir, resume)
+        swept = _prepare_run_dir(run_dir, resume)
+        if swept:
+            say(f"removed {len(swept)} temporary file(s) an interrupted run left in {run_dir}")
     distributed.barrier(ctx)
 
     if config.download and ctx.distributed and not ctx.is_main:
@@ -263,6 +301,9 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
         state = checkpoint.load(run_dir, model=model, optimizer=optimizer, scaler=scaler)
         start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
         say(f"resuming {run_dir} after epoch {start_epoch} (step {global_step})")
+    elif ctx.is_main:  # the start state: a run killed before its first epoch ends can --resume
+        checkpoint.save(run_dir, epoch=0, step=0, model=model, optimizer=optimizer, scaler=scaler,
+                        config=config.to_json(), history=[])
 
     val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size, shuffle=False,
                             num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
@@ -302,11 +343,9 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
             record.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"])
             history.append(record)
             meta["metrics"] = dict(record, epochs_completed=epoch + 1 if complete else epoch)
-            _write_epoch(run_dir, model=model, meta=meta, history=history)
-            if complete:
-                checkpoint.save(run_dir, epoch=epoch + 1, step=global_step, model=model,
-                                optimizer=optimizer, scaler=scaler, config=config.to_json(),
-                                history=history)
+            commit = dict(epoch=epoch + 1, step=global_step, optimizer=optimizer, scaler=scaler,
+                          config=config.to_json(), history=history) if complete else None
+            _write_epoch(run_dir, model=model, meta=meta, history=history, state=commit)
             say(_summary(record, config.epochs))
         distributed.barrier(ctx)
         if on_epoch_end is not None:

@@ -1,4 +1,4 @@
-"""``curves.png``: loss terms and accuracies per epoch, written atomically."""
+"""``curves.png``: loss terms and accuracies per epoch."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..io import atomic_path
-
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Loss terms (left) and training / validation accuracy (right) against the epoch."""
+    """Loss terms (left) and training / validation accuracy (right) against the epoch.
+
+    Writes ``path`` itself: the loop passes a temporary file of its one-step epoch write.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,5 +35,4 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike) -> N
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+    fig.savefig(path, format="png")
