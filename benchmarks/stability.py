@@ -46,7 +46,9 @@ DATA = {
     "digits": ("resnet20", {"data": "digits"}),
     "cifar10-mini": ("resnet32", {"data": "imagefolder", "data_dir": str(CIFAR_MINI), "input_size": 16}),
 }
-#: The settings of each grid: (label, method, config overrides).
+#: Every setting starts from a constant learning rate with no stabiliser ...
+PLAIN = {"schedule": "step", "lr_milestones": [], "warmup_epochs": 0.0, "clip_grad_norm": None}
+#: ... and changes only what its label says: (label, method, config overrides).
 SETTINGS = [
     ("baseline lr 0.01", "baseline", {"lr": 0.01}),
     ("baseline lr 0.05", "baseline", {"lr": 0.05}),
@@ -54,7 +56,7 @@ SETTINGS = [
     ("rsd lr 0.05", "rsd", {"lr": 0.05}),
     ("rsd lr 0.05 warm-up 2", "rsd", {"lr": 0.05, "warmup_epochs": 2.0}),
     ("rsd lr 0.05 clip 5", "rsd", {"lr": 0.05, "clip_grad_norm": 5.0}),
-    ("rsd lr 0.05 warm-up 1 clip 2", "rsd", {"lr": 0.05, "warmup_epochs": 1.0, "clip_grad_norm": 2.0}),
+    ("rsd lr 0.05 warm-up 1 clip 5", "rsd", {"lr": 0.05, "warmup_epochs": 1.0, "clip_grad_norm": 5.0}),
 ]
 
 
@@ -72,7 +74,8 @@ def run_setting(data: str, method: str, overrides: dict[str, Any], steps: int, s
     torch.set_num_threads(threads)
     model_name, data_fields = DATA[data]
     config = TrainConfig.from_dict({"model": model_name, "method": method, "seed": seed, "workers": 0,
-                                    "epochs": 1000, **data_fields, **overrides}).validate()
+                                    "epochs": 1000, "precise_bn": 0, **PLAIN, **data_fields,
+                                    **overrides}).validate()
     train_ds, _, info = load_datasets(config.data, config.data_dir, input_size=config.resolved_input_size())
     torch.manual_seed(config.seed)
     form = "rsd" if method == "rsd" else "plain"
@@ -263,18 +266,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--grid", default="digits,cifar10-mini", help="data sets, comma-separated")
     ap.add_argument("--settings", default=None, help="labels of SETTINGS to run, comma-separated [all]")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="keep the settings already in OUT/partial.json")
     args = ap.parse_args(argv)
     wanted = None if args.settings is None else set(args.settings.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = []
+    partial = args.out / "partial.json"
+    runs = json.loads(partial.read_text()) if args.resume and partial.exists() else []
+    done = {(r["data"], r["label"]) for r in runs}
     for data in args.grid.split(","):
         for label, method, overrides in SETTINGS:
-            if wanted is not None and label not in wanted:
+            if (wanted is not None and label not in wanted) or (data, label) in done:
                 continue
             run = run_setting(data, method, overrides, args.steps, args.seed, args.threads)
             run["label"] = label
             runs.append(run)
+            (args.out / "partial.json").write_text(json.dumps(_rounded(runs), separators=(",", ":")))
             print(f"{data} {label}: {run['seconds']:.0f}s, final loss {run['series']['loss'][-1]:.3f}", flush=True)
     for r in runs:
         base = next((b for b in runs if b["data"] == r["data"] and b["method"] == "baseline"
@@ -283,6 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "stability.json").write_text(json.dumps(_rounded(runs), separators=(",", ":")))
     write_markdown(runs, args.out / "stability_table.md", [1, 2, 3, 4, 5, 10, 20, 50, 100, 200])
     plot(runs, args.out / "stability.png")
+    partial.unlink()
     print(f"wrote {args.out}/stability.json, stability_table.md, stability.png")
 
 

@@ -180,19 +180,20 @@ def _csv(kind):
               help="Train on an evenly spread subset of this many images (smoke runs).")
 @click.option("--val-samples", type=int, default=None,
               help="Validate on an evenly spread subset of this many images (smoke runs).")
-@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--epochs", type=int, default=8, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Per process.")
-@click.option("--lr", type=float, default=0.01, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True)
 @click.option("--lr-milestones", callback=_csv(int), default="", show_default=True,
               help="Epochs at which the learning rate is multiplied by --lr-gamma, e.g. 150,180,210.")
 @click.option("--lr-gamma", type=float, default=0.1, show_default=True)
-@click.option("--schedule", type=click.Choice(["step", "cosine"]), default="step", show_default=True,
+@click.option("--schedule", type=click.Choice(["step", "cosine"]), default="cosine", show_default=True,
               help="step: x --lr-gamma at each milestone; cosine: down to 0 at the end of the last epoch.")
-@click.option("--warmup-epochs", type=float, default=0.0, show_default=True,
+@click.option("--warmup-epochs", type=float, default=1.0, show_default=True,
               help="Linear learning-rate warm-up over this many epochs (fractions allowed).")
-@click.option("--clip-grad-norm", type=float, default=None,
-              help="Clip the global gradient norm to this value [default: no clipping].")
-@click.option("--precise-bn", type=int, default=0, show_default=True,
+@click.option("--clip-grad-norm", type=float, default=5.0, show_default=True,
+              callback=lambda ctx, param, v: None if v == 0 else v,
+              help="Clip the global gradient norm to this value; 0 turns clipping off (null in a recipe).")
+@click.option("--precise-bn", type=int, default=20, show_default=True,
               help="Re-estimate BatchNorm statistics over this many clean training batches before "
                    "every evaluation and before the weights are written (0: off).")
 @click.option("--collapse-guard/--no-collapse-guard", default=True, show_default=True,

@@ -47,19 +47,31 @@ def test_cli_defaults_are_the_config_defaults():
 def test_recipes_are_valid(path):
     config = TrainConfig.from_dict(load_recipe(path), str(path)).validate()
     if path.name.startswith("cifar100_"):
-        model, method = path.stem[len("cifar100_"):].rsplit("_", 1)
+        stem = path.stem[len("cifar100_"):]
+        stable = stem.endswith("_stable")
+        model, method = stem.removesuffix("_stable").rsplit("_", 1)
         assert (config.model, config.method) == (model, method)
         assert (config.epochs, config.batch_size, config.lr, config.momentum) == (240, 64, 0.05, 0.9)
         assert config.weight_decay == 5e-4 and config.lr_milestones == [150, 180, 210]
+        assert config.schedule == "step"
         assert config.lr_at(149) == 0.05 and config.lr_at(150) == pytest.approx(0.005)
         assert config.lr_at(239) == pytest.approx(0.05e-3)
+        if stable:  # the paper's recipe plus warm-up, clipping and precise BN, nothing else
+            paper = TrainConfig.from_dict(load_recipe(path.with_name(path.name.replace("_stable", ""))))
+            changed = {k for k, v in config.to_json().items() if paper.to_json()[k] != v}
+            assert changed == {"warmup_epochs", "clip_grad_norm", "precise_bn"}
+            assert (config.warmup_epochs, config.clip_grad_norm, config.precise_bn) == (5.0, 5.0, 50)
+            assert config.lr_at(0, 0, 100) == pytest.approx(0.05 / 500)
+        else:  # exactly as the paper states it: no warm-up, no clipping, no precise BN
+            assert (config.warmup_epochs, config.clip_grad_norm, config.precise_bn) == (0.0, None, 0)
+            assert config.lr_at(0, 0, 100) == 0.05
 
 
 def test_paper_recipes_cover_every_model_and_method():
     names = {p.stem for p in (ROOT / "train").glob("cifar100_*.json")}
     for model in ("resnet32", "resnet110", "wrn20_8", "vgg16", "vgg19", "densenet40_12"):
         assert model in models.names()
-        assert {f"cifar100_{model}_rsd", f"cifar100_{model}_baseline"} <= names
+        assert {f"cifar100_{model}_{m}{v}" for m in ("rsd", "baseline") for v in ("", "_stable")} <= names
 
 
 def test_train_and_eval_commands(tmp_path):
@@ -117,7 +129,7 @@ def test_bad_options_are_one_line_errors(args, needles, tmp_path, monkeypatch):
     (["--drop-rate", "1"], ["--drop-rate must be in [0, 1)"]),
     (["--seed", "-1"], ["--seed must be >= 0"]),
     (["--seed", "99999999999999999999999"], ["--seed must fit in 64 bits"]),
-    (["--model", "vgg16", "--input-size", "8"], ["--input-size 8 is too small for vgg16 (it needs at least 16)"]),
+    (["--model", "vgg16", "--input-size", "4"], ["--input-size 4 is too small for vgg16 (it needs at least 8)"]),
     (["--model", "densenet40_12", "--input-size", "2"], ["too small for densenet40_12 (it needs at least 4)"]),
 ])
 def test_nonsense_numbers_are_refused_before_any_work(args, needles, tmp_path):

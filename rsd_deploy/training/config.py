@@ -43,19 +43,19 @@ class TrainConfig:
     # Schedule: SGD with momentum; "step" multiplies the lr by lr_gamma at each milestone
     # epoch, "cosine" anneals it to 0 over the epochs after the warm-up. Both start with a
     # linear warm-up over warmup_epochs (fractions allowed) when it is positive.
-    epochs: int = 3
+    epochs: int = 8
     batch_size: int = 64  #: per process; the effective batch is this times the world size
-    lr: float = 0.01  #: the paper uses 0.05 (see the recipes)
-    schedule: str = "step"
+    lr: float = 0.05  #: the paper's; stable with the warm-up and clipping below
+    schedule: str = "cosine"
     lr_milestones: list[int] = field(default_factory=list)
     lr_gamma: float = 0.1
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    clip_grad_norm: float | None = None  #: clip the global gradient norm to this value
+    clip_grad_norm: float | None = 5.0  #: clip the global gradient norm to this value (None: off)
     #: Before every evaluation and before the weights are written, re-estimate BatchNorm
     #: statistics over this many clean (teacher: no drop, no mixture) training batches.
-    precise_bn: int = 0
+    precise_bn: int = 20
     #: Stop a run whose network has collapsed (chance accuracy, maximum-entropy loss).
     collapse_guard: bool = True
     seed: int = 0
