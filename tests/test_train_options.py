@@ -29,7 +29,7 @@ def _config(**kw) -> TrainConfig:
 
 
 def test_linear_warmup_then_step_decay():
-    c = TrainConfig(lr=0.1, warmup_epochs=0.5, lr_milestones=[2], epochs=3)
+    c = TrainConfig(lr=0.1, schedule="step", warmup_epochs=0.5, lr_milestones=[2], epochs=3)
     spe = 10  # 5 warm-up steps
     assert [c.lr_at(0, s, spe) for s in range(6)] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1, 0.1])
     assert c.lr_at(1, 9, spe) == pytest.approx(0.1) and c.lr_at(2, 0, spe) == pytest.approx(0.01)
@@ -42,7 +42,7 @@ def test_cosine_schedule_after_warmup():
     assert c.lr_at(1, 0, spe) == pytest.approx(0.2)  # cosine starts at lr
     assert c.lr_at(3, 0, spe) == pytest.approx(0.1)  # half way through the 4 cosine epochs
     assert c.lr_at(4, 3, spe) == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
-    no_warm = TrainConfig(lr=0.2, schedule="cosine", epochs=4)
+    no_warm = TrainConfig(lr=0.2, schedule="cosine", warmup_epochs=0, epochs=4)
     assert no_warm.lr_at(0, 0, spe) == pytest.approx(0.2) and no_warm.lr_at(2, 0, spe) == pytest.approx(0.1)
 
 
@@ -87,7 +87,7 @@ def test_clipping_matches_a_hand_clipped_step(tmp_path):
     train_ds = _subset(train_ds, 128)
     torch.manual_seed(config.seed)
     model = models.create("resnet20", num_classes=10, in_channels=3, form="plain")
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr_at(0, 0, 4), momentum=0.9, weight_decay=5e-4)
     torch.manual_seed(_seed_for(config, 0))
     loader = DataLoader(train_ds, batch_size=32, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(_seed_for(config, 0)))
