@@ -299,12 +299,46 @@ def _run_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
 
+def _summarize(histories: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
+    """Per method, over its seeds: last / best validation top-1 (%), time per epoch, img/s."""
+    out = {}
+    for method, by_seed in histories.items():
+        last = {s: 100 * h[-1]["val_top1"] for s, h in by_seed.items() if h}
+        best = [100 * max(e["val_top1"] for e in h) for h in by_seed.values() if h]
+        epochs = [e for h in by_seed.values() for e in h]
+        values = list(last.values())
+        out[method] = {
+            "last_top1_per_seed": {str(s): v for s, v in sorted(last.items())},
+            "last_top1_mean": statistics.fmean(values) if values else None,
+            "last_top1_std": statistics.stdev(values) if len(values) > 1 else None,
+            "best_top1_mean": statistics.fmean(best) if best else None,
+            "epoch_time_median_s": statistics.median(e["epoch_time"] for e in epochs) if epochs else None,
+            "images_per_sec_median": statistics.median(e["images_per_sec"] for e in epochs) if epochs else None,
+        }
+    return out
+
+
+def _accuracy_markdown(result: dict[str, Any]) -> str:
+    """The accuracy section's table: both methods at the same epoch."""
+    lines = [f"# RSD vs baseline on {result['data']}",
+             "", f"Compared at epoch {result['compared_at_epoch']} of {result['epochs_planned']} planned; "
+             f"seeds {result['seeds']}; {result['machine']}; {result['date']}.", "",
+             "| method | top-1 last (mean ± std) | per seed | top-1 best (mean) | time/epoch (median) | img/s |",
+             "|---|---|---|---|---|---|"]
+    for method, v in result["summary"].items():
+        fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731
+        seeds = ", ".join(f"{k}: {x:.2f}" for k, x in v["last_top1_per_seed"].items())
+        lines.append(f"| {method} | {fmt(v['last_top1_mean'])} ± {fmt(v['last_top1_std'])} | {seeds} | "
+                     f"{fmt(v['best_top1_mean'])} | {fmt(v['epoch_time_median_s'])} s | "
+                     f"{fmt(v['images_per_sec_median'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def section_accuracy(ctx: Context) -> dict[str, Any]:
     args = ctx.args
     data_dir = Path(args.data_dir).expanduser().resolve()
     if not (data_dir / "train").is_dir():
         raise Skip(f"no ImageFolder data at {data_dir} (train/ and val/ expected)")
-    accuracy = _load_benchmark("accuracy")
     settings = read_settings(args.settings)
     base: dict[str, Any] = {"model": args.model, "data": "imagefolder", "data_dir": str(data_dir),
                             "device": ctx.device, "workers": args.workers}
@@ -348,8 +382,7 @@ def section_accuracy(ctx: Context) -> dict[str, Any]:
     compared = min(len(h) for by_seed in histories.values() for h in by_seed.values())
     if compared == 0:
         raise RuntimeError(f"a run finished no epoch: { {n: r['status'] for n, r in runs.items()} }")
-    summary = accuracy.summarize({m: {s: h[:compared] for s, h in by_seed.items()}
-                                  for m, by_seed in histories.items()}, compared)
+    summary = _summarize({m: {s: h[:compared] for s, h in by_seed.items()} for m, by_seed in histories.items()})
     for method, s in summary.items():
         last = list(s["last_top1_per_seed"].values())
         s["last_top1_range"] = [min(last), max(last)] if last else None
@@ -377,7 +410,7 @@ def section_accuracy(ctx: Context) -> dict[str, Any]:
     with atomic_path(ctx.out / "accuracy.md") as tmp:
         note = "" if result["complete"] else f"Some runs stopped early ({result['run_status']}): " \
             f"every run is compared at epoch {compared}, the last that all finished.\n\n"
-        tmp.write_text(accuracy.to_markdown(result) + "\n" + note + _epoch_table(result) + "\n")
+        tmp.write_text(_accuracy_markdown(result) + "\n" + note + _epoch_table(result) + "\n")
     for name in runs:  # the figures, not the weights
         dst = ctx.out / "accuracy_runs" / name
         dst.mkdir(parents=True, exist_ok=True)
