@@ -214,7 +214,7 @@ def _csv(kind):
 @click.option("--detach-teacher/--no-detach-teacher", default=False, show_default=True,
               help="Stop gradients through the KL targets.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--amp/--no-amp", default=False, show_default=True, help="float16 autocast (CUDA only).")
+@click.option("--amp/--no-amp", default=False, show_default=True, help="mixed precision: float16 autocast with gradient scaling on CUDA, bfloat16 autocast on a CPU with bfloat16 instructions.")
 @click.option("--workers", type=int, default=2, show_default=True, help="Data loading processes.")
 @click.option("--eval-batch-size", type=int, default=256, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
