@@ -8,19 +8,16 @@ it into a runner (``load``); the comparison lives elsewhere
     ort.available("cpu").require()            # RSDError with a one-line hint if not
     runner = ort.load("deploy/model.onnx")     # runner(x) -> logits; runner.device, runner.precision
 
-========  ====================  =========================================  ===========
-name      module                artifact (made from)                       devices
-========  ====================  =========================================  ===========
-torch     ``backends/pytorch``  the module itself                          cpu, cuda
-ort       ``backends/onnxrt``   ONNX file (exported from the module)       cpu, cuda
-trt       ``backends/trt``      TensorRT engine (built from the ONNX file)  cuda
-========  ====================  =========================================  ===========
+* ``torch`` (``backends/pytorch.py``): the module itself; cpu, cuda.
+* ``ort`` (``backends/onnxrt.py``): an ONNX file exported from the module; cpu, cuda.
+* ``trt`` (``backends/trt.py``): a TensorRT engine built from the ONNX file; cuda.
 
 **Adding a backend**: write ``rsd_deploy/backends/NEW.py`` with what
 :mod:`rsd_deploy.backends.base` lists (``NAME``, ``LABEL``, ``SOURCE``, ``FILE``,
 ``DEVICES``, ``TOLERANCES``, ``available``, ``deployed``, ``make``, ``load``
 returning a :class:`~rsd_deploy.backends.base.Runner`) and add it to
-:data:`_MODULES` below; ``bench`` and the parity checks then take it by name.
+:data:`_MODULES` below; ``bench`` (the library call and the command's
+``--NAME`` flag) then takes it by name.
 
 **Adding a precision**: in the backend's module, add it to ``TOLERANCES`` (how
 close it must come to the fp32 reference) and handle it in ``make`` and ``load``
