@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .backends.base import as_numpy
 from .errors import RSDError
 
 if TYPE_CHECKING:
@@ -97,19 +98,20 @@ def require(check: Mapping[str, Any]) -> None:
 
 
 def logits(runner: Runner, x: Tensor | np.ndarray, batch_size: int | None = None) -> np.ndarray:
-    """``runner``'s logits of ``x`` as float32 numpy, in chunks of ``batch_size`` (a fixed-batch
-    model needs its batch; ``None``: all at once)."""
+    """``runner``'s logits of ``x`` as float32 numpy, run in chunks of ``batch_size``.
+
+    ``None`` runs everything at once; a fixed-batch model needs its batch.
+    """
     step = batch_size or len(x)
-    chunks = [runner(x[i:i + step]) for i in range(0, len(x), step)]
-    return np.concatenate([c.detach().float().cpu().numpy() if isinstance(c, Tensor) else np.asarray(c, np.float32)
-                           for c in chunks])
+    return np.concatenate([as_numpy(runner(x[i:i + step])) for i in range(0, len(x), step)])
 
 
 def torch_logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
     """``model(x)`` in eval mode, in chunks of ``batch_size``, on CPU float32 (through the torch runner)."""
     from .backends import get_backend
 
-    device = next(model.parameters()).device.type
+    param = next(model.parameters(), None)
+    device = param.device.type if param is not None else "cpu"
     return torch.from_numpy(logits(get_backend("torch").load(model, device=device), x, batch_size))
 
 
