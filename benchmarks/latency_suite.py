@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from rsd_deploy import fuse_model, models
+from rsd_deploy.backends import get_backend
 from rsd_deploy.bench import Budget, bench_run
 from rsd_deploy.bench.report import available_cores, machine_info, machine_slug
 from rsd_deploy.io import atomic_path, write_json
@@ -68,18 +69,14 @@ def available_configs() -> list[Config]:
     """ONNX Runtime and PyTorch on CPU always; CUDA and TensorRT where this machine has them."""
     configs = [Config("ort", "cpu"), Config("torch", "cpu")]
     if torch.cuda.is_available():
-        import onnxruntime as ort
-
         configs.append(Config("torch", "cuda"))
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            configs.append(Config("ort", "cuda"))
-        try:
-            from rsd_deploy.tensorrt import require_tensorrt
-
-            require_tensorrt()
-            configs.append(Config("trt", "cuda"))
-        except Exception as e:  # ImportError or RSDError: no TensorRT here
-            print(f"TensorRT skipped: {e}", file=sys.stderr)
+        for name in ("ort", "trt"):
+            backend = get_backend(name)
+            availability = backend.available("cuda")
+            if availability:
+                configs.append(Config(name, "cuda"))
+            else:
+                print(f"{backend.LABEL} on CUDA skipped: {availability.reason}", file=sys.stderr)
     return configs
 
 
@@ -123,7 +120,7 @@ def prepare_run(name: str, root: Path, trt_max_batch: int | None) -> Path:
     meta = {**_meta(name, size), "form": "deploy", "source": {"weights": "model.safetensors"}}
     export_onnx(fused, deploy / "model.onnx", input_shape=(3, size, size))
     if trt_max_batch:
-        from rsd_deploy.tensorrt import build_engine
+        from rsd_deploy.backends.trt import build_engine
 
         build_engine(deploy / "model.onnx", deploy / "model.engine", input_shape=(3, size, size),
                      min_batch=1, opt_batch=trt_max_batch, max_batch=trt_max_batch)

@@ -94,11 +94,20 @@ def fuse_export_cmd(ctx: click.Context, run_dir: str, profile: str | None, **fla
         sys.exit(3)
 
 
+def _backend_flags(command):
+    """One flag per registered backend (``--torch``, ``--ort``, ...): a new backend needs no CLI change."""
+    from .backends import get_backend, list_backends
+
+    for name in reversed(list_backends()):
+        backend = get_backend(name)
+        fused = f"fused model: RUN_DIR/deploy/{backend.FILE}" if backend.FILE else "fused in-process"
+        command = click.option(f"--{name}", f"use_{name}", is_flag=True, help=f"{backend.LABEL}; {fused}.")(command)
+    return command
+
+
 @main.command("bench")
 @click.argument("run_dir", type=click.Path(path_type=str))
-@click.option("--ort", "use_ort", is_flag=True, help="ONNX Runtime; fused model: RUN_DIR/deploy/model.onnx.")
-@click.option("--torch", "use_torch", is_flag=True, help="PyTorch eager; fused in-process.")
-@click.option("--trt", "use_trt", is_flag=True, help="TensorRT; fused engine: RUN_DIR/deploy/model.engine.")
+@_backend_flags
 @click.option("--device", default=None, help="cpu or cuda [default: cuda for --trt, else cpu].")
 @click.option("--baseline", default=None, type=click.Path(path_type=str),
               help="A plain (baseline-trained) run of the same architecture [default: the plain "
@@ -111,19 +120,21 @@ def fuse_export_cmd(ctx: click.Context, run_dir: str, profile: str | None, **fla
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores available].")
 @click.option("--out", default=None, type=click.Path(path_type=str), help="Report folder [default: RUN_DIR/bench].")
 @click.option("--quiet", is_flag=True, help="Print only the result.")
-def bench_cmd(run_dir, use_ort, use_torch, use_trt, device, baseline, batch_sizes, warmup_s, min_s,
-              iters, threads, out, quiet) -> None:
+def bench_cmd(run_dir, device, baseline, batch_sizes, warmup_s, min_s, iters, threads, out, quiet,
+              **use) -> None:
     """Time an RSD run unfused, fused and against a plain baseline: is there any inference overhead?
 
     The three models run in interleaved rounds; the report (bench.json, bench.md,
     bench.png, timings.json) gives latency statistics, the unfused/fused and
     fused/baseline ratios with bootstrap 95% intervals, and a verdict.
     """
+    from .backends import list_backends
     from .bench import Budget, bench_run
 
-    chosen = [name for name, on in (("ort", use_ort), ("torch", use_torch), ("trt", use_trt)) if on]
+    chosen = [name for name in list_backends() if use[f"use_{name}"]]
     if len(chosen) != 1:
-        raise RSDError("choose exactly one backend: --ort, --torch or --trt")
+        flags = [f"--{name}" for name in list_backends()]
+        raise RSDError(f"choose exactly one backend: {', '.join(flags[:-1])} or {flags[-1]}")
     budget = Budget(warmup_s=warmup_s, min_s=min_s, iters=iters)
 
     def progress(msg: str) -> None:
