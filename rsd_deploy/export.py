@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from .fuse import fuse_model
 from .io import DirLock, read_json, save_tensors, write_json
 from .onnx import DEFAULT_OPSET, export_onnx, max_opset, ort_session
 from .run import RUN_FILE, WEIGHTS_FILE, build_model, load_run, load_state
+from .schema import AT_LEAST_1, check_values, from_mapping
 from .verify import (
     Tolerance,
     ort_logits,
@@ -92,23 +93,11 @@ class ExportOptions:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "options") -> "ExportOptions":
         """Options from a profile-like mapping; unknown keys and wrong types are an RSDError."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known) - {"description"})
-        if unknown:
-            raise RSDError(
-                f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        kwargs = {}
-        for key, value in values.items():
-            if key == "description":
-                continue
-            kwargs[key] = _coerce(key, value, where)
-        return cls(**kwargs)
+        return from_mapping(cls, values, where, parsers=_parsers(where), ignore=("description",))
 
     def with_overrides(self, values: Mapping[str, Any]) -> "ExportOptions":
         """A copy with ``values`` (e.g. explicit command-line flags) taking precedence."""
-        merged = {**asdict(self), **values}
-        return ExportOptions.from_mapping(merged, "options")
+        return from_mapping(ExportOptions, values, "options", base=self, parsers=_parsers("options"))
 
     @property
     def writes_onnx(self) -> bool:
@@ -147,21 +136,20 @@ class ExportOptions:
                 f"opset {self.opset} cannot be produced by the installed PyTorch exporter "
                 f"(supported: 9 to {max_opset()})"
             )
-        for key in ("batch", "max_batch", "opt_batch"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise RSDError(f"{key.replace('_', '-')} must be positive (got {value})")
-        if self.samples < 1:
-            raise RSDError(f"samples must be positive (got {self.samples})")
+        check_values(self, _RANGES, lambda name: f"--{name.replace('_', '-')}")
         Tolerance(self.atol, self.rtol)
         self.trt_tolerance()
         if self.trt:
             self.trt_profile()
 
 
-_BOOL = ("onnx", "trt", "fp16", "keep_unfused")
-_INT = ("opset", "max_batch", "opt_batch", "samples")
-_FLOAT = ("atol", "rtol", "trt_atol", "trt_rtol")
+#: Ranges of the options (every number is also checked to be finite; see schema.check_values).
+_RANGES = {"batch": AT_LEAST_1, "max_batch": AT_LEAST_1, "opt_batch": AT_LEAST_1, "samples": AT_LEAST_1}
+
+
+def _parsers(where: str) -> dict[str, Callable[[Any], Any]]:
+    """Options read by their own parser: ``batch`` is "dynamic" or a positive integer."""
+    return {"batch": lambda value: parse_batch(value, f"{where}: batch")}
 
 
 def parse_batch(value: Any, where: str = "--batch") -> int | None:
@@ -177,24 +165,6 @@ def parse_batch(value: Any, where: str = "--batch") -> int | None:
     if n < 1 or (isinstance(value, float) and value != n):
         raise RSDError(f"{where} must be 'dynamic' or a positive integer (got {value!r})")
     return n
-
-
-def _coerce(key: str, value: Any, where: str) -> Any:
-    if key == "batch":
-        return parse_batch(value, f"{where}: batch")
-    if value is None and key in ("out", "max_batch", "opt_batch", "trt_atol", "trt_rtol"):
-        return None
-    ok = (
-        (key in _BOOL and isinstance(value, bool))
-        or (key in _INT and isinstance(value, int) and not isinstance(value, bool))
-        or (key in _FLOAT and isinstance(value, (int, float)) and not isinstance(value, bool))
-        or (key == "out" and isinstance(value, str))
-    )
-    if not ok:
-        kind = "true/false" if key in _BOOL else "an integer" if key in _INT else (
-            "a number" if key in _FLOAT else "a string")
-        raise RSDError(f"{where}: {key} must be {kind} (got {value!r})")
-    return float(value) if key in _FLOAT else value
 
 
 def load_profile(path: str | os.PathLike) -> ExportOptions:

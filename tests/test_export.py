@@ -408,7 +408,7 @@ def test_failed_check_leaves_no_artifact(runs, tmp_path):
 @pytest.mark.parametrize(
     "profile, message",
     [
-        ({"onnx": True, "bogus": 1}, "unknown key(s) bogus"),
+        ({"onnx": True, "bogus": 1}, "unknown key 'bogus'"),
         ({"onnx": "yes"}, "onnx must be true/false"),
         ({"batch": "big"}, "must be 'dynamic' or a positive integer"),
         ({"opset": 12.5}, "opset must be an integer"),
