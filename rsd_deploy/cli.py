@@ -96,9 +96,12 @@ def fuse_export_cmd(ctx: click.Context, run_dir: str, profile: str | None, **fla
 
 @main.command("bench")
 @click.argument("run_dir", type=click.Path(path_type=str))
-@click.option("--ort", "use_ort", is_flag=True, help="ONNX Runtime; fused model: RUN_DIR/deploy/model.onnx.")
+@click.option("--ort", "use_ort", is_flag=True, help="ONNX Runtime; fused model: DEPLOY/model.onnx.")
 @click.option("--torch", "use_torch", is_flag=True, help="PyTorch eager; fused in-process.")
-@click.option("--trt", "use_trt", is_flag=True, help="TensorRT; fused engine: RUN_DIR/deploy/model.engine.")
+@click.option("--trt", "use_trt", is_flag=True, help="TensorRT; fused engine: DEPLOY/model.engine.")
+@click.option("--deploy", default=None, type=click.Path(path_type=str),
+              help="The fuse-export folder (its --out) of this run's current weights, for --ort and "
+                   "--trt [default: RUN_DIR/deploy].")
 @click.option("--device", default=None, help="cpu or cuda [default: cuda for --trt, else cpu].")
 @click.option("--baseline", default=None, type=click.Path(path_type=str),
               help="A plain (baseline-trained) run of the same architecture [default: the plain "
@@ -111,7 +114,7 @@ def fuse_export_cmd(ctx: click.Context, run_dir: str, profile: str | None, **fla
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores available].")
 @click.option("--out", default=None, type=click.Path(path_type=str), help="Report folder [default: RUN_DIR/bench].")
 @click.option("--quiet", is_flag=True, help="Print only the result.")
-def bench_cmd(run_dir, use_ort, use_torch, use_trt, device, baseline, batch_sizes, warmup_s, min_s,
+def bench_cmd(run_dir, use_ort, use_torch, use_trt, deploy, device, baseline, batch_sizes, warmup_s, min_s,
               iters, threads, out, quiet) -> None:
     """Time an RSD run unfused, fused and against a plain baseline: is there any inference overhead?
 
@@ -130,7 +133,7 @@ def bench_cmd(run_dir, use_ort, use_torch, use_trt, device, baseline, batch_size
         if not quiet:
             click.echo(msg, err=True)
 
-    result = bench_run(run_dir, chosen[0], device=device, baseline=baseline, batch_sizes=batch_sizes,
+    result = bench_run(run_dir, chosen[0], device=device, baseline=baseline, deploy=deploy, batch_sizes=batch_sizes,
                        budget=budget, threads=threads, out=out, progress=progress)
     click.echo(f"{result['model']}: {result['backend']} on {result['device']}, {result['threads']} threads")
     for e in result["results"]:

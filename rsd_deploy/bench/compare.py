@@ -4,13 +4,15 @@
 backend, times them in interleaved rounds at each batch size, and writes the
 report. With ONNX Runtime and TensorRT the fused model is the artifact that
 ``fuse-export`` wrote and verified (``RUN_DIR/deploy/model.onnx`` or
-``model.engine``); the unfused model and the baseline are exported or built here,
-with the same settings (opset, batch axis, engine profile, precision), into a
-temporary folder.
+``model.engine``, or those in another export folder), refused unless that export was
+made from the run's current weights; the unfused model and the baseline are exported
+or built here, with the same settings (opset, batch axis, engine profile, precision),
+into a temporary folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import tempfile
@@ -25,6 +27,7 @@ from .. import run as runs
 from ..complexity import count_macs, count_params
 from ..errors import RSDError
 from ..fuse import fuse_model
+from ..schema import to_json
 from . import backends, stats
 from .report import ROLES, available_cores, machine_info, write_report
 from .runner import Budget, Timer, measure
@@ -33,6 +36,7 @@ DEPLOY_DIR = "deploy"
 ONNX_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
 BENCH_DIR = "bench"
+DEFAULT_BATCH_SIZES = (1, 64)
 Progress = Callable[[str], None]
 
 
@@ -71,18 +75,19 @@ def _check_backend(backend: str, device: str | None) -> str:
     return device
 
 
-def _read_training_run(run_dir: Path) -> dict[str, Any]:
-    meta = runs.read_run(run_dir)
-    if meta["form"] != "rsd":
+def _read_training_run(run_dir: Path) -> runs.RunInfo:
+    info = runs.read_run(run_dir)
+    if info.form != "rsd":
         raise RSDError(
-            f"{run_dir} holds a {meta['form']!r}-form model; bench compares an RSD training run "
+            f"{run_dir} holds a {info.form!r}-form model; bench compares an RSD training run "
             "(form 'rsd') against its fused form and a plain baseline"
         )
-    return meta
+    return info
 
 
-def trt_profile(deploy_dir: Path, batch_sizes: Sequence[int]) -> dict[str, Any]:
-    """The engine profile recorded in the deploy ``run.json``, checked against ``batch_sizes``.
+def trt_profile(deploy_dir: Path, run_dir: Path, batch_sizes: Sequence[int]) -> runs.TensorRTProfile:
+    """The engine profile of the export in ``deploy_dir`` (made from ``run_dir``'s weights),
+    checked against ``batch_sizes``.
 
     Needs no TensorRT, so a batch size the engine cannot run is refused up front.
     """
@@ -91,12 +96,11 @@ def trt_profile(deploy_dir: Path, batch_sizes: Sequence[int]) -> dict[str, Any]:
         raise RSDError(
             f"no TensorRT engine at {engine}: build one with `rsd-deploy fuse-export RUN_DIR --onnx --trt`"
         )
-    meta = runs.read_run(deploy_dir)
-    profile = meta.get("tensorrt")
-    keys = ("min_batch", "opt_batch", "max_batch", "precision")
-    if not isinstance(profile, dict) or any(k not in profile for k in keys):
-        raise RSDError(f"{deploy_dir / runs.RUN_FILE} has no complete 'tensorrt' profile ({', '.join(keys)})")
-    lo, hi = int(profile["min_batch"]), int(profile["max_batch"])
+    profile = runs.check_made_from(deploy_dir, run_dir).tensorrt
+    if profile is None:
+        keys = ", ".join(f.name for f in dataclasses.fields(runs.TensorRTProfile))
+        raise RSDError(f"{deploy_dir / runs.RUN_FILE} has no complete 'tensorrt' profile ({keys})")
+    lo, hi = profile.min_batch, profile.max_batch
     outside = [b for b in batch_sizes if not lo <= b <= hi]
     if outside:
         raise RSDError(
@@ -104,8 +108,8 @@ def trt_profile(deploy_dir: Path, batch_sizes: Sequence[int]) -> dict[str, Any]:
             f"rebuild with `rsd-deploy fuse-export RUN_DIR --onnx --trt --max-batch {outside[-1]}` "
             f"or pass --batch-sizes within {lo}-{hi}"
         )
-    if profile["precision"] not in ("fp32", "fp16"):
-        raise RSDError(f"unknown TensorRT precision {profile['precision']!r} in {deploy_dir / runs.RUN_FILE}")
+    if profile.precision not in ("fp32", "fp16"):
+        raise RSDError(f"unknown TensorRT precision {profile.precision!r} in {deploy_dir / runs.RUN_FILE}")
     return profile
 
 
@@ -133,27 +137,28 @@ def onnx_settings(path: Path, input_shape: tuple[int, int, int]) -> tuple[int, i
 
 # The three models ---------------------------------------------------------------------------
 
-def _baseline(meta: dict[str, Any], baseline_dir: Path | None) -> Subject:
+def _baseline(info: runs.RunInfo, baseline_dir: Path | None) -> Subject:
     if baseline_dir is None:
-        module = fuse_model(runs.build_model(meta, form="plain").eval())
-        return Subject("baseline", f"plain {meta['model']}, BatchNorm folded (random weights: "
+        module = fuse_model(info.build_model(form="plain").eval())
+        return Subject("baseline", f"plain {info.model}, BatchNorm folded (random weights: "
                        "latency does not depend on them)", module)
-    model, bmeta = runs.load_run(baseline_dir)
+    model, binfo = runs.load_run(baseline_dir)
+    ours, theirs = info.to_json(), binfo.to_json()
     for key in ("model", "num_classes", "in_channels", "input_size"):
-        if bmeta[key] != meta[key]:
-            raise RSDError(f"baseline run {baseline_dir} has {key} {bmeta[key]!r}, the RSD run has {meta[key]!r}")
-    if bmeta["form"] == "rsd":
+        if theirs[key] != ours[key]:
+            raise RSDError(f"baseline run {baseline_dir} has {key} {theirs[key]!r}, the RSD run has {ours[key]!r}")
+    if binfo.form == "rsd":
         raise RSDError(f"baseline run {baseline_dir} is an RSD run; give a plain (baseline-trained) run")
-    module = fuse_model(model) if bmeta["form"] == "plain" else model
-    return Subject("baseline", f"baseline run {baseline_dir} ({bmeta['form']} form, BatchNorm folded)", module)
+    module = fuse_model(model) if binfo.form == "plain" else model
+    return Subject("baseline", f"baseline run {baseline_dir} ({binfo.form} form, BatchNorm folded)", module)
 
 
-def _subjects(run_dir: Path, meta: dict[str, Any], baseline_dir: Path | None) -> dict[str, Subject]:
+def _subjects(run_dir: Path, info: runs.RunInfo, baseline_dir: Path | None) -> dict[str, Subject]:
     unfused, _ = runs.load_run(run_dir)
     return {
         "unfused": Subject("unfused", f"RSD training form of {run_dir} (multi-branch, eval mode)", unfused),
         "fused": Subject("fused", f"{run_dir} fused in-process with rsd_deploy.fuse_model", fuse_model(unfused)),
-        "baseline": _baseline(meta, baseline_dir),
+        "baseline": _baseline(info, baseline_dir),
     }
 
 
@@ -234,7 +239,8 @@ def bench_run(
     *,
     device: str | None = None,
     baseline: str | os.PathLike | None = None,
-    batch_sizes: str | Sequence[int] = (1, 64),
+    deploy: str | os.PathLike | None = None,
+    batch_sizes: str | Sequence[int] = DEFAULT_BATCH_SIZES,
     budget: Budget | None = None,
     threads: int | None = None,
     out: str | os.PathLike | None = None,
@@ -244,7 +250,9 @@ def bench_run(
 
     ``backend``: "torch", "ort" or "trt"; ``device``: "cpu" or "cuda" (default: cuda
     for TensorRT, else cpu). ``threads``: CPU intra-op threads (default: every core
-    this process may use). The report goes to ``out`` (default ``RUN_DIR/bench``);
+    this process may use). ``deploy``: the fuse-export folder of the run (default
+    ``RUN_DIR/deploy``) whose artifact ONNX Runtime or TensorRT times; it must have been
+    made from the run's current weights. The report goes to ``out`` (default ``RUN_DIR/bench``);
     the returned dict is ``bench.json``'s content plus ``"files"``, the paths written.
     """
     run_dir = Path(run_dir)
@@ -254,9 +262,9 @@ def bench_run(
     if threads is not None and threads < 1:
         raise RSDError(f"--threads must be positive (got {threads})")
     threads = threads or available_cores()
-    meta = _read_training_run(run_dir)
-    deploy_dir = run_dir / DEPLOY_DIR
-    input_shape = (int(meta["in_channels"]), *map(int, meta["input_size"]))
+    info = _read_training_run(run_dir)
+    deploy_dir = Path(deploy) if deploy is not None else run_dir / DEPLOY_DIR
+    input_shape = info.input_shape
     precision = "fp32"
 
     # Check everything a user can get wrong before the slow work starts.
@@ -268,9 +276,10 @@ def bench_run(
                 f"{deploy_dir / ONNX_FILE} was exported for batch {fixed_batch} only; "
                 f"pass --batch-sizes {fixed_batch} or re-export with a dynamic batch"
             )
+        runs.check_made_from(deploy_dir, run_dir)
     elif backend == "trt":
-        profile = trt_profile(deploy_dir, sizes)
-        precision = str(profile["precision"])
+        profile = trt_profile(deploy_dir, run_dir, sizes)
+        precision = profile.precision
     # TensorRT's own check says how to get it (and checks CUDA); the others need CUDA only.
     trt_mod = _require_trt_module() if backend == "trt" else None
     if device == "cuda":
@@ -278,8 +287,8 @@ def bench_run(
     baseline_dir = Path(baseline) if baseline is not None else None
 
     say = progress or (lambda _msg: None)
-    say(f"loading {run_dir} ({meta['model']}) and building the three models")
-    subjects = _subjects(run_dir, meta, baseline_dir)
+    say(f"loading {run_dir} ({info.model}) and building the three models")
+    subjects = _subjects(run_dir, info, baseline_dir)
     model_info = {
         r: {"description": s.description, "params": count_params(s.module),
             "macs_per_image": count_macs(s.module, input_shape)}
@@ -304,8 +313,8 @@ def bench_run(
                 engine = tmp / f"{role}.engine"
                 trt_mod.build_engine(
                     subjects[role].artifact, engine, input_shape=input_shape,
-                    min_batch=int(profile["min_batch"]), opt_batch=int(profile["opt_batch"]),
-                    max_batch=int(profile["max_batch"]), fp16=precision == "fp16",
+                    min_batch=profile.min_batch, opt_batch=profile.opt_batch,
+                    max_batch=profile.max_batch, fp16=precision == "fp16",
                 )
                 subjects[role].artifact = engine
                 subjects[role].description += f"; engine built here ({precision}, same profile)"
@@ -330,15 +339,16 @@ def bench_run(
     result = {
         "schema": "rsd-deploy/bench/1",
         "run_dir": str(run_dir),
-        "model": meta["model"],
-        "input_size": list(meta["input_size"]),
-        "in_channels": int(meta["in_channels"]),
-        "num_classes": int(meta["num_classes"]),
+        "model": str(info.model),
+        "deploy_dir": str(deploy_dir) if backend in ("ort", "trt") else None,
+        "input_size": info.input_size,
+        "in_channels": info.in_channels,
+        "num_classes": info.num_classes,
         "backend": backend,
         "device": device,
         "threads": threads,
         "precision": precision,
-        "tensorrt_profile": profile,
+        "tensorrt_profile": to_json(profile),
         "backend_settings": settings,
         "budget": budget.to_json(),
         "batch_sizes": sizes,
