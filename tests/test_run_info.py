@@ -272,3 +272,16 @@ def test_from_mapping_types_from_the_annotations():
         check_values(_Record("a", [2**63]), {}, lambda n: f"--{n}")
     with pytest.raises(RSDError, match=r"ratio must be at least 1 \(got 0.5\)"):
         check_values(_Record("a", ratio=0.5), {"ratio": AT_LEAST_1})
+
+
+def test_cli_defaults_are_the_dataclasses_defaults():
+    config, options = TrainConfig(), ExportOptions()
+    for command, record in (("train", config), ("fuse-export", options)):
+        for param in main.commands[command].params:
+            if param.name in {f for f in record.__dataclass_fields__} and param.default is not None:
+                expected = getattr(record, param.name)
+                if isinstance(expected, list):
+                    expected = ",".join(map(str, expected))
+                assert param.default == expected, (command, param.name)
+    train_help = CliRunner().invoke(main, ["train", "--help"]).output
+    assert "ce_student,ce_teacher" in train_help and "[default: resnet20]" in train_help
