@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from rsd_deploy import RSDError, models
+from rsd_deploy.backends import get_backend
 from rsd_deploy.bench import Budget, bench_run
 from rsd_deploy.bench.report import available_cores, machine_info, machine_slug
 from rsd_deploy.export import ExportOptions, fuse_export
@@ -68,18 +69,14 @@ def available_configs() -> list[Config]:
     """ONNX Runtime and PyTorch on CPU always; CUDA and TensorRT where this machine has them."""
     configs = [Config("ort", "cpu"), Config("torch", "cpu")]
     if torch.cuda.is_available():
-        import onnxruntime as ort
-
         configs.append(Config("torch", "cuda"))
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            configs.append(Config("ort", "cuda"))
-        try:
-            from rsd_deploy.tensorrt import require_tensorrt
-
-            require_tensorrt()
-            configs.append(Config("trt", "cuda"))
-        except Exception as e:  # ImportError or RSDError: no TensorRT here
-            print(f"TensorRT skipped: {e}", file=sys.stderr)
+        for name in ("ort", "trt"):
+            backend = get_backend(name)
+            availability = backend.available("cuda")
+            if availability:
+                configs.append(Config(name, "cuda"))
+            else:
+                print(f"{backend.LABEL} on CUDA skipped: {availability.reason}", file=sys.stderr)
     return configs
 
 

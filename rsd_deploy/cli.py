@@ -106,14 +106,23 @@ def fuse_export_cmd(ctx: click.Context, run_dir: str, profile: str | None, **fla
         sys.exit(3)
 
 
+def _backend_flags(command):
+    """One flag per registered backend (``--torch``, ``--ort``, ...): a new backend needs no CLI change."""
+    from .backends import get_backend, list_backends
+
+    for name in reversed(list_backends()):
+        backend = get_backend(name)
+        fused = f"fused model: DEPLOY/{backend.FILE}" if backend.FILE else "fused in-process"
+        command = click.option(f"--{name}", f"use_{name}", is_flag=True, help=f"{backend.LABEL}; {fused}.")(command)
+    return command
+
+
 @main.command("bench")
 @click.argument("run_dir", type=click.Path(path_type=str))
-@click.option("--ort", "use_ort", is_flag=True, help="ONNX Runtime; fused model: DEPLOY/model.onnx.")
-@click.option("--torch", "use_torch", is_flag=True, help="PyTorch eager; fused in-process.")
-@click.option("--trt", "use_trt", is_flag=True, help="TensorRT; fused engine: DEPLOY/model.engine.")
+@_backend_flags
 @click.option("--deploy", default=None, type=click.Path(path_type=str),
-              help="The fuse-export folder (its --out) of this run's current weights, for --ort and "
-                   "--trt [default: RUN_DIR/deploy].")
+              help="The fuse-export folder (its --out) of this run's current weights, for backends "
+                   "that time an exported file [default: RUN_DIR/deploy].")
 @click.option("--device", default=None, help="cpu or cuda [default: cuda for --trt, else cpu].")
 @click.option("--baseline", default=None, type=click.Path(path_type=str),
               help="A plain (baseline-trained) run of the same architecture [default: the plain "
@@ -128,19 +137,21 @@ def fuse_export_cmd(ctx: click.Context, run_dir: str, profile: str | None, **fla
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores available].")
 @click.option("--out", default=None, type=click.Path(path_type=str), help="Report folder [default: RUN_DIR/bench].")
 @click.option("--quiet", is_flag=True, help="Print only the result.")
-def bench_cmd(run_dir, use_ort, use_torch, use_trt, deploy, device, baseline, batch_sizes, warmup_s, min_s,
-              iters, threads, out, quiet) -> None:
+def bench_cmd(run_dir, deploy, device, baseline, batch_sizes, warmup_s, min_s, iters, threads, out, quiet,
+              **use) -> None:
     """Time an RSD run unfused, fused and against a plain baseline: is there any inference overhead?
 
     The three models run in interleaved rounds; the report (bench.json, bench.md,
     bench.png, timings.json) gives latency statistics, the unfused/fused and
     fused/baseline ratios with bootstrap 95% intervals, and a verdict.
     """
+    from .backends import list_backends
     from .bench import bench_run
 
-    chosen = [name for name, on in (("ort", use_ort), ("torch", use_torch), ("trt", use_trt)) if on]
+    chosen = [name for name in list_backends() if use[f"use_{name}"]]
     if len(chosen) != 1:
-        raise RSDError("choose exactly one backend: --ort, --torch or --trt")
+        flags = [f"--{name}" for name in list_backends()]
+        raise RSDError(f"choose exactly one backend: {', '.join(flags[:-1])} or {flags[-1]}")
     budget = Budget(warmup_s=warmup_s, min_s=min_s, iters=iters)
 
     def progress(msg: str) -> None:
@@ -231,7 +242,7 @@ def _csv(kind):
 @click.option("--detach-teacher/--no-detach-teacher", default=_TRAIN.detach_teacher, show_default=True,
               help="Stop gradients through the KL targets.")
 @click.option("--device", type=click.Choice(DEVICES), default=_TRAIN.device, show_default=True)
-@click.option("--amp/--no-amp", default=_TRAIN.amp, show_default=True, help="float16 autocast (CUDA only).")
+@click.option("--amp/--no-amp", default=_TRAIN.amp, show_default=True, help="mixed precision: float16 autocast with gradient scaling on CUDA, bfloat16 autocast on a CPU with bfloat16 instructions.")
 @click.option("--workers", type=int, default=_TRAIN.workers, show_default=True, help="Data loading processes.")
 @click.option("--eval-batch-size", type=int, default=_TRAIN.eval_batch_size, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")

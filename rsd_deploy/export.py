@@ -32,19 +32,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import __version__
 from .audit import audit, failure_message, op_histogram, reference_histogram
+from .backends import get_backend
+from .backends.trt import TOLERANCES as TRT_TOLERANCES
 from .errors import RSDError
 from .fuse import fuse_model
 from .io import DirLock, read_json, save_tensors, sha256_file, write_json
-from .onnx import DEFAULT_OPSET, export_onnx, max_opset, ort_session
+from .onnx import DEFAULT_OPSET, export_onnx, max_opset
 from .run import RUN_FILE, WEIGHTS_FILE, OnnxInfo, RunInfo, Source, TensorRTProfile, load_run, load_state
 from .schema import AT_LEAST_1, check_values, from_mapping
 from .verify import (
     Tolerance,
-    ort_logits,
+    logits,
     parity,
     require,
     tile_batch,
@@ -65,8 +65,6 @@ DEPLOY_DIR = "deploy"
 #: speeds up later builds and TensorRT checks it before use.
 _OWNED = (WEIGHTS_FILE, RUN_FILE, ONNX_FILE, UNFUSED_ONNX_FILE, ENGINE_FILE, REPORT_FILE)
 
-#: TensorRT-against-ONNX-Runtime tolerances per precision (TF32 off for fp32).
-TRT_TOLERANCES = {"fp32": Tolerance(atol=1e-3, rtol=1e-3), "fp16": Tolerance(atol=1e-2, rtol=2e-2)}
 DEFAULT_MAX_BATCH = 64
 
 
@@ -408,12 +406,12 @@ def fuse_export(
 
             # 6. ONNX Runtime parity at batch 1 and at a larger batch. -------------------
             say("checking ONNX Runtime against PyTorch")
-            session = ort_session(onnx_path)
+            runner = get_backend("ort").load(onnx_path)
             for batch, xs, ref in _ort_batches(x, ref_fused, opts.batch):
-                got = ort_logits(session, xs, batch)
+                got = logits(runner, xs, batch)
                 require(_add(checks, parity(f"onnxruntime vs pytorch fused, batch {batch}",
                                             ref, got, tol, batch=batch)))
-            del session
+            del runner
 
             if opts.keep_unfused:
                 say("exporting the unfused training form for comparison")
@@ -427,11 +425,11 @@ def fuse_export(
                 report["audit"]["unfused_minus_fused"] = {
                     op: unfused_graph.get(op, 0) - graph.get(op, 0)
                     for op in ops if unfused_graph.get(op, 0) != graph.get(op, 0)}
-                session = ort_session(unfused_path)
+                runner = get_backend("ort").load(unfused_path)
                 batch, xs, ref = _ort_batches(x, ref_unfused, opts.batch)[-1]
                 require(_add(checks, parity(f"onnxruntime unfused vs pytorch unfused, batch {batch}",
-                                            ref, ort_logits(session, xs, batch), tol, batch=batch)))
-                del session
+                                            ref, logits(runner, xs, batch), tol, batch=batch)))
+                del runner
             deploy.onnx = OnnxInfo(ONNX_FILE, opts.opset, opts.batch or "dynamic")
 
         # 7. TensorRT. ------------------------------------------------------------------
@@ -477,32 +475,28 @@ def _ort_batches(x, ref, fixed: int | None):
 
 
 def _tensorrt_step(opts: ExportOptions, stage: _Staging, out: Path, input_shape, x, checks, say):
-    from .tensorrt import TrtRunner, build_engine, require_tensorrt
-
-    try:
-        require_tensorrt()
-    except RSDError as e:
-        say(f"skipping TensorRT: {e}")
-        return {"status": "unavailable", "error": str(e)}
+    trt = get_backend("trt")
+    availability = trt.available("cuda")
+    if not availability:
+        say(f"skipping TensorRT: {availability.reason}")
+        return {"status": "unavailable", "error": availability.reason}
     lo, opt, hi = opts.trt_profile()
     cache = stage / TIMING_CACHE_FILE
     if (out / TIMING_CACHE_FILE).is_file():
         shutil.copyfile(out / TIMING_CACHE_FILE, cache)
     say(f"building a TensorRT {opts.precision} engine, batch profile ({lo}, {opt}, {hi})")
-    info = build_engine(stage / ONNX_FILE, stage / ENGINE_FILE, input_shape=input_shape,
-                        min_batch=lo, opt_batch=opt, max_batch=hi, fp16=opts.fp16,
-                        timing_cache=cache)
-    runner = TrtRunner(stage / ENGINE_FILE)
-    session = ort_session(stage / ONNX_FILE)
+    info = trt.build_engine(stage / ONNX_FILE, stage / ENGINE_FILE, input_shape=input_shape,
+                            min_batch=lo, opt_batch=opt, max_batch=hi, precision=opts.precision,
+                            timing_cache=cache)
+    runner = trt.load(stage / ENGINE_FILE, precision=opts.precision)
+    reference = get_backend("ort").load(stage / ONNX_FILE)
     tol = opts.trt_tolerance()
     for batch in sorted({lo, hi}):
         xs = tile_batch(x, batch)
-        ref = ort_logits(session, xs, opts.batch)
-        with torch.no_grad():
-            got = runner(xs.cuda())
-        torch.cuda.synchronize()
+        ref = logits(reference, xs, opts.batch)
+        got = logits(runner, xs)
         require(_add(checks, parity(f"tensorrt {opts.precision} vs onnxruntime, batch {batch}",
-                                    ref, got.float().cpu(), tol, batch=batch)))
+                                    ref, got, tol, batch=batch)))
     return {"status": "built", **info}
 
 

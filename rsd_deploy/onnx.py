@@ -78,27 +78,3 @@ def export_onnx(
     with atomic_path(path) as tmp:
         onnx.save(proto, str(tmp))
 
-
-def ort_session(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None):
-    """An ONNX Runtime session on ``device`` ("cpu" or "cuda"), with ``threads`` intra-op threads."""
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers() or not torch.cuda.is_available():
-            raise RSDError(
-                "ONNX Runtime has no usable CUDA provider here: install onnxruntime-gpu "
-                "on a machine with an NVIDIA GPU"
-            )
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    elif device != "cpu":
-        raise RSDError(f"unknown device {device!r} (expected cpu or cuda)")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    try:
-        return ort.InferenceSession(str(path), opts, providers=providers)
-    except Exception as e:  # onnxruntime raises its own exception types for bad files
-        raise RSDError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:200]}") from None

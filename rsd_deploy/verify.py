@@ -7,6 +7,7 @@ and compare their logits. The error is judged against the scale of the logits,
 O(1e6) (untrained BN statistics) and a per-element relative error is meaningless
 near zero. Top-1 agreement is reported beside it; it can only differ where the two
 best reference logits lie within twice the error, which the tolerance bounds.
+Each implementation is a runner from :mod:`rsd_deploy.backends`.
 """
 
 from __future__ import annotations
@@ -14,13 +15,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .backends.base import as_numpy
 from .errors import RSDError
+
+if TYPE_CHECKING:
+    from .backends import Runner
 
 
 @dataclass(frozen=True)
@@ -92,19 +97,22 @@ def require(check: Mapping[str, Any]) -> None:
     )
 
 
-@torch.no_grad()
-def torch_logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
-    """``model(x)`` in eval mode, in chunks of ``batch_size``, on CPU float32."""
-    model.eval()
-    return torch.cat([model(chunk).float().cpu() for chunk in x.split(batch_size)])
+def logits(runner: Runner, x: Tensor | np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """``runner``'s logits of ``x`` as float32 numpy, run in chunks of ``batch_size``.
 
-
-def ort_logits(session, x: Tensor | np.ndarray, batch_size: int | None = None) -> np.ndarray:
-    """ONNX Runtime logits of ``x``; ``batch_size`` splits it (a fixed-batch model needs it)."""
-    x = _numpy(x).astype(np.float32)
-    name = session.get_inputs()[0].name
+    ``None`` runs everything at once; a fixed-batch model needs its batch.
+    """
     step = batch_size or len(x)
-    return np.concatenate([session.run(None, {name: x[i:i + step]})[0] for i in range(0, len(x), step)])
+    return np.concatenate([as_numpy(runner(x[i:i + step])) for i in range(0, len(x), step)])
+
+
+def torch_logits(model: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
+    """``model(x)`` in eval mode, in chunks of ``batch_size``, on CPU float32 (through the torch runner)."""
+    from .backends import get_backend
+
+    param = next(model.parameters(), None)
+    device = param.device.type if param is not None else "cpu"
+    return torch.from_numpy(logits(get_backend("torch").load(model, device=device), x, batch_size))
 
 
 def tile_batch(x: Tensor, n: int) -> Tensor:

@@ -15,7 +15,9 @@ import pytest
 from click.testing import CliRunner
 from helpers import HAS_CUDA, record_engine, requires_cuda, requires_tensorrt, untrained_run
 
-from rsd_deploy.bench import Budget, bench_run, compare
+from rsd_deploy.backends import Availability
+from rsd_deploy.backends import trt as trt_backend
+from rsd_deploy.bench import Budget, bench_run, timing
 from rsd_deploy.cli import main
 from rsd_deploy.errors import RSDError
 from rsd_deploy.export import ExportOptions, fuse_export
@@ -147,11 +149,10 @@ def test_batch_above_the_engine_profile_is_refused_before_tensorrt_is_imported(r
     record_engine(run_dir / "deploy", {"min_batch": 1, "opt_batch": 8, "max_batch": 8, "precision": "fp32"})
     (run_dir / "deploy" / "model.engine").write_bytes(b"not built here")
 
-    def no_tensorrt_please():
+    def no_tensorrt_please(device):
         raise AssertionError("TensorRT was imported before the batch sizes were checked")
 
-    monkeypatch.setattr(compare, "_require_trt_module", no_tensorrt_please)
-    monkeypatch.setattr(compare.backends, "require_cuda", lambda: None)
+    monkeypatch.setattr(trt_backend, "available", no_tensorrt_please)
     assert_one_line_error(invoke(run_dir, "--trt", "--batch-sizes", "1,64", *FAST),
                           "batch size 64 is outside the engine's profile (1 to 8)", "--max-batch 64")
     # Within the profile the check passes and the TensorRT import is next.
@@ -260,7 +261,7 @@ def test_trt_end_to_end(runs, tmp_path):
     assert "model.engine" in report["models"]["fused"]["description"]
 
 
-# The TensorRT orchestration, with a stand-in for rsd_deploy.tensorrt ---------------------------
+# The TensorRT orchestration, with stand-ins for TensorRT's builder and runner --------------------
 
 @pytest.mark.parametrize(("fused_ms", "status"), [(1.0, "no_overhead"), (1.1, "overhead")])
 def test_trt_orchestration_builds_the_others_with_the_fused_engines_settings(
@@ -268,11 +269,10 @@ def test_trt_orchestration_builds_the_others_with_the_fused_engines_settings(
 ):
     """Everything but the GPU: which engines get built, with which profile, and what is timed.
 
-    A fake ``rsd_deploy.tensorrt`` records ``build_engine`` calls; the timers are
-    deterministic (unfused 4 ms, baseline 1 ms, fused 1 or 1.1 ms), so the whole analysis
-    down to the verdict is pinned.
+    The TensorRT backend's ``build_engine`` records its calls and ``load`` gives stand-in
+    runners; the timers are deterministic (unfused 4 ms, baseline 1 ms, fused 1 or 1.1 ms),
+    so the whole analysis down to the verdict is pinned.
     """
-    import sys
     import types
 
     profile = {"min_batch": 1, "opt_batch": 8, "max_batch": 16, "precision": "fp16"}
@@ -285,20 +285,23 @@ def test_trt_orchestration_builds_the_others_with_the_fused_engines_settings(
         built.append((Path(onnx_path).name, kwargs))
         Path(engine_path).write_bytes(b"engine")
 
-    fake = types.SimpleNamespace(require_tensorrt=lambda: None, build_engine=build_engine)
-    monkeypatch.setitem(sys.modules, "rsd_deploy.tensorrt", fake)
-    monkeypatch.setattr(compare.backends, "require_cuda", lambda: None)
+    def load(path, *, device, precision, threads):
+        loaded.append(Path(path).name)
+        return types.SimpleNamespace(name=Path(path).name, device=device, precision=precision, settings=dict)
+
     loaded = []
-    monkeypatch.setattr(compare.backends, "trt_load", lambda path: loaded.append(Path(path).name) or Path(path).name)
+    monkeypatch.setattr(trt_backend, "available", lambda device: Availability())
+    monkeypatch.setattr(trt_backend, "build_engine", build_engine)
+    monkeypatch.setattr(trt_backend, "load", load)
     latency = {"model.engine": fused_ms * 1e-3, "unfused.engine": 4e-3, "baseline.engine": 1e-3}
-    monkeypatch.setattr(compare.backends, "trt_timer", lambda runner, batch, shape: lambda: latency[runner])
+    monkeypatch.setattr(timing, "runner_timer", lambda runner, batch, shape: lambda: latency[runner.name])
 
     report = bench_run(run_dir, "trt", batch_sizes="1,16", budget=Budget(warmup_s=0, iters=6),
                        out=tmp_path / "trt")
     assert [name for name, _ in built] == ["unfused.onnx", "baseline.onnx"]
     for _, kwargs in built:
         assert kwargs == {"input_shape": (3, 32, 32), "min_batch": 1, "opt_batch": 8, "max_batch": 16,
-                          "fp16": True}
+                          "precision": "fp16"}
     assert loaded == ["unfused.engine", "model.engine", "baseline.engine"]
     assert report["precision"] == "fp16" and report["tensorrt_profile"] == profile
     for entry in report["results"]:

@@ -21,9 +21,9 @@ from rsd_deploy.cli import main
 from rsd_deploy.data import DataInfo, eval_dataset
 from rsd_deploy.errors import RSDError
 from rsd_deploy.export import ExportOptions, fuse_export, sha256_file
-from rsd_deploy.onnx import ort_session
+from rsd_deploy.backends import get_backend
 from rsd_deploy.run import load_run
-from rsd_deploy.verify import ort_logits, torch_logits
+from rsd_deploy.verify import logits, torch_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "export"
@@ -130,11 +130,11 @@ def test_resnet20_end_to_end_cli(runs, tmp_path):
     val = eval_dataset(info)
     assert len(val) == 2000
     loader = torch.utils.data.DataLoader(val, batch_size=250)
-    session = ort_session(out / "model.onnx")
+    session = get_backend("ort").load(out / "model.onnx")
     pred_torch, pred_onnx, labels = [], [], []
     for x, y in loader:
         pred_torch.append(torch_logits(unfused, x).argmax(1).numpy())
-        pred_onnx.append(ort_logits(session, x).argmax(1))
+        pred_onnx.append(logits(session, x).argmax(1))
         labels.append(y.numpy())
     pred_torch, pred_onnx = np.concatenate(pred_torch), np.concatenate(pred_onnx)
     assert len(np.unique(pred_torch)) >= 3  # a model that predicts, not a constant
@@ -167,7 +167,7 @@ def test_audit_matches_plain_architecture(runs, tmp_path, name, convs, adds, ext
     # ONNX Runtime reproduces the run's unfused PyTorch model on real images.
     unfused, info = load_run(runs[name])
     x = torch.stack([eval_dataset(info.data)[i][0] for i in range(0, 2000, 125)])
-    got = ort_logits(ort_session(tmp_path / "d" / "model.onnx"), x)
+    got = logits(get_backend("ort").load(tmp_path / "d" / "model.onnx"), x)
     ref = torch_logits(unfused, x).numpy()
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max() + 1e-4
 
@@ -200,7 +200,7 @@ def test_fixed_batch_without_real_data(runs, tmp_path):
     assert proto.opset_import[0].version == 13
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
     with pytest.raises(Exception, match="Got: 1 Expected: 4"):  # the batch is really fixed
-        ort_session(run / "deploy" / "model.onnx").run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})
+        get_backend("ort").load(run / "deploy" / "model.onnx")(np.zeros((1, 3, 32, 32), np.float32))
 
 
 def test_reexport_replaces_stale_artifacts(runs, tmp_path):

@@ -15,14 +15,15 @@ from helpers import HAS_CUDA, HAS_TENSORRT, requires_tensorrt
 
 from rsd_deploy import RSDError, fuse_model, models
 from rsd_deploy.export import ExportOptions, fuse_export
-from rsd_deploy.onnx import export_onnx, ort_session
+from rsd_deploy.backends import get_backend
+from rsd_deploy.onnx import export_onnx
 from rsd_deploy.run import ModelSource, RunInfo, save_run
-from rsd_deploy.verify import ort_logits
+from rsd_deploy.verify import logits
 
 
 @pytest.mark.skipif(HAS_CUDA and HAS_TENSORRT, reason="checks the message shown where TensorRT is absent")
 def test_missing_tensorrt_is_a_one_line_hint(tmp_path):
-    from rsd_deploy.tensorrt import TrtRunner, build_engine, require_tensorrt
+    from rsd_deploy.backends.trt import TrtRunner, build_engine, require_tensorrt
 
     for call in (require_tensorrt,
                  lambda: build_engine(tmp_path / "m.onnx", tmp_path / "m.engine",
@@ -49,23 +50,24 @@ def fused_onnx(tmp_path_factory):
     path = tmp_path_factory.mktemp("trt") / "model.onnx"
     export_onnx(fused, path, input_shape=(3, 32, 32))
     x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    return path, x, ort_logits(ort_session(path), x)
+    return path, x, logits(get_backend("ort").load(path), x)
 
 
 @pytest.mark.tensorrt
 @requires_tensorrt
-@pytest.mark.parametrize("fp16, atol, rtol", [(False, 1e-3, 1e-3), (True, 1e-2, 2e-2)])
-def test_engine_matches_onnxruntime(fused_onnx, tmp_path, fp16, atol, rtol):
-    from rsd_deploy.tensorrt import TrtRunner, build_engine
+@pytest.mark.parametrize("precision, atol, rtol", [("fp32", 1e-3, 1e-3), ("fp16", 1e-2, 2e-2)])
+def test_engine_matches_onnxruntime(fused_onnx, tmp_path, precision, atol, rtol):
+    from rsd_deploy.backends.trt import TrtRunner, build_engine
 
     onnx_path, x, ref = fused_onnx
     cache = tmp_path / "timing.cache"
     info = build_engine(onnx_path, tmp_path / "m.engine", input_shape=(3, 32, 32),
-                        opt_batch=8, max_batch=16, fp16=fp16, timing_cache=cache)
-    assert info["precision"] == ("fp16" if fp16 else "fp32")
+                        opt_batch=8, max_batch=16, precision=precision, timing_cache=cache)
+    assert info["precision"] == precision
     assert (tmp_path / "m.engine").stat().st_size == info["engine_bytes"] > 0
     assert cache.stat().st_size > 0
-    runner = TrtRunner(tmp_path / "m.engine")
+    runner = TrtRunner(tmp_path / "m.engine", precision)
+    assert (runner.device, runner.precision) == ("cuda", precision)
     assert (runner.min_batch, runner.max_batch) == (1, 16)
     for n in (1, 7, 16):
         out = runner(x[:n].cuda())
@@ -77,7 +79,7 @@ def test_engine_matches_onnxruntime(fused_onnx, tmp_path, fp16, atol, rtol):
     # A second build reuses the timing cache written by the first.
     before = cache.read_bytes()
     build_engine(onnx_path, tmp_path / "m2.engine", input_shape=(3, 32, 32),
-                 opt_batch=8, max_batch=16, fp16=fp16, timing_cache=cache)
+                 opt_batch=8, max_batch=16, precision=precision, timing_cache=cache)
     assert len(cache.read_bytes()) >= len(before)
 
 

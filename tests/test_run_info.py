@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 from helpers import record_engine, untrained_info, untrained_run
 
-from rsd_deploy.bench import Budget, bench_run, compare
+from rsd_deploy.backends import trt as trt_backend
+from rsd_deploy.bench import Budget, bench_run
 from rsd_deploy.cli import main
 from rsd_deploy.errors import RSDError
 from rsd_deploy.export import ExportOptions, fuse_export
@@ -226,10 +227,10 @@ def test_bench_deploy_option_takes_an_export_elsewhere(runs, tmp_path, monkeypat
     record_engine(deploy, {"min_batch": 1, "opt_batch": 2, "max_batch": 2, "precision": "fp32"})
     (deploy / "model.engine").write_bytes(b"engine")
 
-    def no_tensorrt_please():
+    def no_tensorrt_please(device):
         raise AssertionError("reached TensorRT")
 
-    monkeypatch.setattr(compare, "_require_trt_module", no_tensorrt_please)
+    monkeypatch.setattr(trt_backend, "available", no_tensorrt_please)
     one_line_error(bench(run_dir, "--trt", "--deploy", deploy, "--batch-sizes", "4", "--iters", "1", "--quiet"),
                    "outside the engine's profile (1 to 2)")
     with pytest.raises(AssertionError, match="reached TensorRT"):

@@ -70,7 +70,7 @@ class TrainConfig:
     detach_teacher: bool = False
     # Execution.
     device: str = "auto"
-    amp: bool = False  #: float16 autocast with gradient scaling (CUDA only)
+    amp: bool = False  #: mixed precision: float16 + gradient scaling on CUDA, bfloat16 on CPUs with bf16 units
     workers: int = 2
     eval_batch_size: int = 256
 

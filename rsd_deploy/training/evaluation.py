@@ -46,9 +46,23 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *,
     return {"top1": correct1 / total, "top5": correct5 / total, "loss": loss_sum / total}
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The autocast dtype of ``--amp`` on ``device``: float16 on CUDA (with gradient
+    scaling), bfloat16 on a CPU with bfloat16 instructions; an :class:`RSDError` elsewhere."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu":
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            raise RSDError("mixed precision on the CPU needs bfloat16 instructions "
+                           "(AVX512-BF16 or AMX), which this CPU lacks")
+        return torch.bfloat16
+    raise RSDError(f"mixed precision is supported on CUDA and CPU devices, not {device.type}")
+
+
 def autocast(device: torch.device, amp: bool):
+    """Autocast to :func:`amp_dtype` when ``amp``; a no-op context otherwise."""
     if amp:
-        return torch.autocast(device.type, dtype=torch.float16)
+        return torch.autocast(device.type, dtype=amp_dtype(device))
     return contextlib.nullcontext()
 
 

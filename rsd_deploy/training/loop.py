@@ -34,7 +34,7 @@ from ..io import DirLock, atomic_path, atomic_paths, remove_stale_temps, sha256_
 from ..run import RUN_FILE, WEIGHTS_FILE, ModelSource, Normalization, RunInfo
 from . import checkpoint, distributed
 from .config import TrainConfig
-from .evaluation import autocast, evaluate
+from .evaluation import amp_dtype, autocast, evaluate
 from .plots import plot_curves
 from .precise_bn import update_bn_stats
 from .rsd import CEStep, RSDStep
@@ -237,8 +237,8 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
         if done >= config.epochs or (config.max_steps is not None and steps >= config.max_steps):
             raise RSDError(f"nothing to do: {out} has already trained {done} epochs ({steps} steps); "
                            "raise --epochs (or --max-steps) to continue it")
-    if config.amp and distributed.resolve_device(config.device).type != "cuda":
-        raise RSDError("--amp needs a CUDA device")
+    if config.amp:
+        amp_dtype(distributed.resolve_device(config.device))  # refuses a device without one
     run_dir = Path(out) if out is not None else default_run_dir(config)
     existed = run_dir.exists()
     ctx = distributed.setup(config.device)
@@ -295,7 +295,8 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
     step_fn = distributed.wrap(ctx, step_fn)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=config.amp)
+    # float16 needs gradient scaling; bfloat16 (the CPU's) has float32's range and does not.
+    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and ctx.device.type == "cuda")
 
     start_epoch, global_step, history = 0, 0, []
     if resume:

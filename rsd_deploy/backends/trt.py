@@ -1,4 +1,4 @@
-"""TensorRT 10 engines: build one from ONNX, run it on torch CUDA tensors.
+"""TensorRT 10: the artifact is an engine built from the ONNX file; the runner runs it on CUDA.
 
 TensorRT is optional (``pip install 'rsd-deploy[trt]'`` on a machine with an
 NVIDIA GPU) and imported lazily: :func:`require_tensorrt` gives a one-line
@@ -7,23 +7,40 @@ NVIDIA GPU) and imported lazily: :func:`require_tensorrt` gives a one-line
 Engines have one optimization profile over the batch axis, ``(min, opt, max)``;
 the other axes are fixed by the ONNX file. Builds clear TF32 so that fp32 engines
 compute in true fp32 (their parity against ONNX Runtime is checked at fp32
-tolerances); ``fp16=True`` lets TensorRT pick half-precision kernels.
+tolerances); precision ``fp16`` lets TensorRT pick half-precision kernels.
+Runners work on torch's current CUDA stream, so CUDA events time them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import RSDError
-from .io import atomic_path
-from .onnx import INPUT_NAME, OUTPUT_NAME
+from ..errors import RSDError
+from ..io import atomic_path
+from ..onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
+from ..verify import Tolerance
+from .base import Array, ArtifactSpec, Availability, as_tensor, check_device, check_precision, file_artifact
 
+if TYPE_CHECKING:
+    from ..run import TensorRTProfile
+
+NAME = "trt"
+LABEL = "TensorRT"
+SOURCE = "ort"  # engines are built from the ONNX file
+FILE = "model.engine"
+DEVICES = ("cuda",)
+#: Against ONNX Runtime fp32, per engine precision (TF32 off for fp32).
+TOLERANCES = {"fp32": Tolerance(atol=1e-3, rtol=1e-3), "fp16": Tolerance(atol=1e-2, rtol=2e-2)}
 INSTALL_HINT = "pip install 'rsd-deploy[trt]' on a machine with an NVIDIA GPU"
 WORKSPACE_BYTES = 1 << 30
+_THIS = sys.modules[__name__]
 
 
 def require_tensorrt():
@@ -39,6 +56,64 @@ def require_tensorrt():
     return trt
 
 
+def available(device: str = "cuda") -> Availability:
+    if device not in DEVICES:
+        return Availability(f"TensorRT runs on CUDA only, not {device}")
+    try:
+        require_tensorrt()
+    except RSDError as e:
+        return Availability(str(e))
+    return Availability()
+
+
+def deployed_profile(deploy_dir: Path, batch_sizes: Sequence[int]) -> TensorRTProfile:
+    """The engine profile recorded in the deploy ``run.json``, checked against ``batch_sizes``.
+
+    Needs no TensorRT, so a batch size the engine cannot run is refused up front.
+    """
+    from .. import run as runs
+
+    file_artifact(deploy_dir / FILE, "TensorRT engine",
+                  "build one with `rsd-deploy fuse-export RUN_DIR --onnx --trt`")
+    profile = runs.read_run(deploy_dir).tensorrt
+    if profile is None:
+        keys = ", ".join(f.name for f in dataclasses.fields(runs.TensorRTProfile))
+        raise RSDError(f"{deploy_dir / runs.RUN_FILE} has no complete 'tensorrt' profile ({keys})")
+    lo, hi = profile.min_batch, profile.max_batch
+    outside = [b for b in batch_sizes if not lo <= b <= hi]
+    if outside:
+        raise RSDError(
+            f"batch size {outside[-1]} is outside the engine's profile ({lo} to {hi}); "
+            f"rebuild with `rsd-deploy fuse-export RUN_DIR --onnx --trt --max-batch {outside[-1]}` "
+            f"or pass --batch-sizes within {lo}-{hi}"
+        )
+    if profile.precision not in TOLERANCES:
+        raise RSDError(f"unknown TensorRT precision {profile.precision!r} in {deploy_dir / runs.RUN_FILE}")
+    return profile
+
+
+def deployed(deploy_dir: Path, input_shape: tuple[int, int, int], batch_sizes: Sequence[int]) -> ArtifactSpec:
+    """The fused engine's profile and precision, and the opset of the ONNX file it came from."""
+    from . import onnxrt
+
+    profile = deployed_profile(deploy_dir, batch_sizes)
+    onnx_path = deploy_dir / onnxrt.FILE
+    opset = onnxrt.onnx_settings(onnx_path, input_shape)[0] if onnx_path.is_file() else DEFAULT_OPSET
+    return ArtifactSpec(tuple(input_shape), precision=profile.precision, opset=opset,
+                        profile=(profile.min_batch, profile.opt_batch, profile.max_batch))
+
+
+def make(source: Path, folder: Path, name: str, spec: ArtifactSpec) -> Path:
+    """An engine built from the ONNX file ``source`` into ``folder/NAME.engine``."""
+    if spec.profile is None:
+        raise RSDError("a TensorRT engine needs a batch profile (min, opt, max)")
+    lo, opt, hi = spec.profile
+    path = Path(folder) / f"{name}.engine"
+    build_engine(source, path, input_shape=spec.input_shape, min_batch=lo, opt_batch=opt, max_batch=hi,
+                 precision=spec.precision)
+    return path
+
+
 def _logger(trt):
     return trt.Logger(trt.Logger.WARNING)
 
@@ -51,7 +126,7 @@ def build_engine(
     min_batch: int = 1,
     opt_batch: int,
     max_batch: int,
-    fp16: bool = False,
+    precision: str = "fp32",
     timing_cache: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Build a serialized engine from ``onnx_path`` and write it to ``engine_path`` atomically.
@@ -62,6 +137,7 @@ def build_engine(
     rewritten (atomically) with the tactics timed by this build. Returns what was
     built: the profile, precision, TensorRT version and engine size.
     """
+    check_precision(_THIS, precision)
     trt = require_tensorrt()
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise RSDError(
@@ -84,7 +160,7 @@ def build_engine(
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     config.clear_flag(trt.BuilderFlag.TF32)
-    if fp16:
+    if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
     if dims[0] == -1:
         profile = builder.create_optimization_profile()
@@ -122,7 +198,7 @@ def build_engine(
         "min_batch": int(min_batch),
         "opt_batch": int(opt_batch),
         "max_batch": int(max_batch),
-        "precision": "fp16" if fp16 else "fp32",
+        "precision": precision,
         "tf32": False,
         "tensorrt_version": trt.__version__,
         "engine_bytes": len(engine_bytes),
@@ -131,14 +207,21 @@ def build_engine(
 
 
 class TrtRunner:
-    """A deserialized engine that maps a CUDA tensor ``(N, C, H, W)`` to its logits.
+    """A deserialized engine that maps ``(N, C, H, W)`` inputs to logits on the GPU.
 
-    Runs on torch's current CUDA stream; inputs and outputs stay on the GPU. Batches
-    from :attr:`min_batch` to :attr:`max_batch` are accepted.
+    Runs on torch's current CUDA stream; inputs are moved to the GPU, outputs stay
+    there. Batches from :attr:`min_batch` to :attr:`max_batch` are accepted.
+    ``precision`` is the one the engine was built with.
     """
 
-    def __init__(self, engine_path: str | os.PathLike) -> None:
+    backend = NAME
+    device = "cuda"
+    cuda_events = True
+
+    def __init__(self, engine_path: str | os.PathLike, precision: str = "fp32") -> None:
+        check_precision(_THIS, precision)
         trt = require_tensorrt()
+        self.precision = precision
         path = Path(engine_path)
         if not path.is_file():
             raise RSDError(f"engine file {path} not found")
@@ -170,15 +253,16 @@ class TrtRunner:
         self.input_dtype = to_torch[self.engine.get_tensor_dtype(self.input_name)]
         self.output_dtype = to_torch[self.engine.get_tensor_dtype(self.output_name)]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.is_cuda:
-            raise RSDError("TrtRunner takes a CUDA tensor")
+    def _input(self, x: Array) -> torch.Tensor:
+        """``x`` on the GPU in the engine's input type, checked against its profile."""
         if tuple(x.shape[1:]) != self.input_shape or not self.min_batch <= x.shape[0] <= self.max_batch:
             raise RSDError(
                 f"input shape {tuple(x.shape)} is outside the engine's profile: batch "
                 f"{self.min_batch} to {self.max_batch} of {self.input_shape}"
             )
-        x = x.to(self.input_dtype).contiguous()
+        return as_tensor(x, "cuda", self.input_dtype)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         if not self.context.set_input_shape(self.input_name, tuple(x.shape)):
             raise RSDError(f"TensorRT rejected input shape {tuple(x.shape)}")
         out_shape = tuple(self.context.get_tensor_shape(self.output_name))
@@ -189,3 +273,26 @@ class TrtRunner:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         return out
+
+    def __call__(self, x: Array) -> torch.Tensor:
+        return self._run(self._input(x))
+
+    def bind(self, x: Array) -> Callable[[], torch.Tensor]:
+        x = self._input(x)
+        return lambda: self._run(x)
+
+    def settings(self) -> dict[str, Any]:
+        return {}
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    device: str = "cuda",
+    precision: str = "fp32",
+    threads: int | None = None,
+) -> TrtRunner:
+    """A runner for the serialized engine at ``path`` (built with ``precision``)."""
+    check_device(_THIS, device)
+    check_precision(_THIS, precision)
+    return TrtRunner(path, precision)
