@@ -71,7 +71,6 @@ from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from rsd_deploy import models  # noqa: E402
 from rsd_deploy.bench import Budget, bench_run  # noqa: E402
 from rsd_deploy.bench.report import machine_info  # noqa: E402
 from rsd_deploy.errors import RSDError  # noqa: E402
@@ -483,8 +482,8 @@ def untrained_run(root: Path, name: str) -> Path:
     suite = _load_benchmark("latency_suite")
     torch.manual_seed(0)
     run_dir = root / name
-    save_run(run_dir, models.create(name, num_classes=10, form="rsd").eval(),
-             suite._meta(name, models.get_spec(name).input_size))
+    info = suite.run_info(name)
+    save_run(run_dir, info.build_model().eval(), info)
     return run_dir
 
 

@@ -5,8 +5,7 @@ For resnet32 and vgg16 (32x32 inputs) and resnet18 (224x224), at batch 1 and 64,
 runs ``rsd-deploy bench`` (the library function behind it) on ONNX Runtime CPU and
 PyTorch CPU, plus PyTorch CUDA, ONNX Runtime CUDA and TensorRT where present. The
 models are untrained RSD runs (latency does not depend on weight values), exported
-with ``rsd-deploy fuse-export`` when that command is installed, else with the
-foundation's fusion pass and ONNX exporter into the same run-directory layout.
+with ``rsd-deploy fuse-export`` (the library function behind it).
 
 Results: ``benchmarks/results/<machine>/<model>_<backend>_<device>/`` (bench.json,
 bench.md, bench.png, timings.json), ``summary.json`` and ``summary.md`` beside them,
@@ -30,18 +29,19 @@ from pathlib import Path
 
 import torch
 
-from rsd_deploy import fuse_model, models
+from rsd_deploy import RSDError, models
 from rsd_deploy.backends import get_backend
 from rsd_deploy.bench import Budget, bench_run
 from rsd_deploy.bench.report import available_cores, machine_info, machine_slug
+from rsd_deploy.export import ExportOptions, fuse_export
 from rsd_deploy.io import atomic_path, write_json
-from rsd_deploy.onnx import export_onnx
-from rsd_deploy.run import save_run
+from rsd_deploy.run import ModelSource, Normalization, RunInfo, save_run
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("resnet32", "vgg16", "resnet18")
 BATCH_SIZES = (1, 64)
 GOAL_SPEEDUP = 3.0  # unfused/fused for resnet32 on ONNX Runtime CPU
+EXPORTER = "rsd-deploy fuse-export"
 
 # Per-model CPU budgets, sized so that the whole CPU suite takes about 15 minutes on a
 # quiet 2-core machine. A batch-64 call of unfused resnet18 at 224x224 costs ~400 GMACs,
@@ -82,51 +82,27 @@ def available_configs() -> list[Config]:
 
 # Runs ---------------------------------------------------------------------------------------
 
-def _meta(name: str, size: int) -> dict:
-    return {
-        "model": name, "form": "rsd", "method": "rsd", "num_classes": 10, "in_channels": 3,
-        "input_size": [size, size], "classes": [str(i) for i in range(10)],
-        "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}, "data": None,
-        "config": {"note": "untrained: made by benchmarks/latency_suite.py for timing only"},
-        "versions": {}, "metrics": {},
-    }
-
-
-def exporter() -> str:
-    """How the suite exports: the real command when installed, else the foundation primitives."""
-    from rsd_deploy.cli import main as cli
-
-    return "rsd-deploy fuse-export" if "fuse-export" in cli.commands else "fuse_model + export_onnx"
+def run_info(name: str) -> RunInfo:
+    """The record of an untrained RSD run of zoo model ``name`` at its own input size."""
+    size = models.get_spec(name).input_size
+    return RunInfo(
+        model=ModelSource(name), form="rsd", method="rsd", num_classes=10, in_channels=3,
+        input_size=[size, size], classes=[str(i) for i in range(10)],
+        normalization=Normalization([0.5] * 3, [0.25] * 3),
+        config={"note": "untrained: made by benchmarks/latency_suite.py for timing only"},
+    )
 
 
 def prepare_run(name: str, root: Path, trt_max_batch: int | None) -> Path:
-    """An untrained RSD run of ``name`` with its exported deploy folder (and engine)."""
-    from rsd_deploy.cli import main as cli
-
-    size = models.get_spec(name).input_size
+    """An untrained RSD run of ``name`` exported by ``rsd-deploy fuse-export`` (and its engine)."""
     run_dir = root / name
     torch.manual_seed(0)
-    model = models.create(name, num_classes=10, form="rsd").eval()
-    save_run(run_dir, model, _meta(name, size))
-    if exporter() == "rsd-deploy fuse-export":
-        args = ["fuse-export", str(run_dir), "--onnx"]
-        if trt_max_batch:
-            args += ["--trt", "--max-batch", str(trt_max_batch)]
-        cli.main(args, standalone_mode=False)
-        return run_dir
-    # Until fuse-export is installed: the same layout from the foundation primitives.
-    deploy = run_dir / "deploy"
-    fused = fuse_model(model)
-    meta = {**_meta(name, size), "form": "deploy", "source": {"weights": "model.safetensors"}}
-    export_onnx(fused, deploy / "model.onnx", input_shape=(3, size, size))
-    if trt_max_batch:
-        from rsd_deploy.backends.trt import build_engine
-
-        build_engine(deploy / "model.onnx", deploy / "model.engine", input_shape=(3, size, size),
-                     min_batch=1, opt_batch=trt_max_batch, max_batch=trt_max_batch)
-        meta["tensorrt"] = {"min_batch": 1, "opt_batch": trt_max_batch, "max_batch": trt_max_batch,
-                            "precision": "fp32"}
-    save_run(deploy, fused, meta)
+    info = run_info(name)
+    save_run(run_dir, info.build_model().eval(), info)
+    options = ExportOptions(onnx=True, trt=bool(trt_max_batch), max_batch=trt_max_batch or None)
+    report = fuse_export(run_dir, options)
+    if trt_max_batch and report["tensorrt"]["status"] != "built":
+        raise RSDError(report["tensorrt"]["error"])
     return run_dir
 
 
@@ -271,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary_rows(reports)
     goal = goals(rows)
     title = f"{machine}" + (" — TRIAL on a shared, noisy machine: NOT final figures" if args.trial else "")
-    md = summary_markdown(rows, info, goal, title, minutes, exporter(), args.scale)
+    md = summary_markdown(rows, info, goal, title, minutes, EXPORTER, args.scale)
     write_json(out_root / "summary.json", {
         "machine": info, "trial": args.trial, "threads": threads, "scale": args.scale,
         "budgets": {k: b.to_json() for k, b in CPU_BUDGETS.items()} | {"gpu": GPU_BUDGET.to_json()},
-        "minutes": minutes, "export": exporter(), "rows": rows, "goals": goal,
+        "minutes": minutes, "export": EXPORTER, "rows": rows, "goals": goal,
     })
     with atomic_path(out_root / "summary.md") as tmp:
         tmp.write_text(md)

@@ -11,7 +11,19 @@ import sys
 import click
 
 from . import __version__
+from .bench.compare import DEFAULT_BATCH_SIZES
+from .bench.runner import DEFAULT_MIN_S, Budget
+from .data import DATASETS
 from .errors import RSDError
+from .export import DEFAULT_MAX_BATCH, TRT_TOLERANCES, ExportOptions
+from .training.config import DEVICES, METHODS, SCHEDULES, TrainConfig
+
+#: The defaults every option below shows and uses: the library's dataclasses own them.
+_TRAIN, _EXPORT, _BUDGET = TrainConfig(), ExportOptions(), Budget()
+
+
+def _listed(values) -> str:
+    return ",".join(map(str, values))
 
 
 class _Group(click.Group):
@@ -39,32 +51,32 @@ def models_cmd() -> None:
 
 @main.command("fuse-export")
 @click.argument("run_dir", type=click.Path(path_type=str))
-@click.option("--onnx/--no-onnx", default=False, help="Write and verify model.onnx.")
-@click.option("--trt/--no-trt", default=False,
+@click.option("--onnx/--no-onnx", default=_EXPORT.onnx, help="Write and verify model.onnx.")
+@click.option("--trt/--no-trt", default=_EXPORT.trt,
               help="Also build and verify a TensorRT engine (implies --onnx).")
 @click.option("--out", type=click.Path(path_type=str), default=None,
               help="Output folder [default: RUN_DIR/deploy].")
-@click.option("--opset", type=int, default=None, help="ONNX opset [default: 17].")
+@click.option("--opset", type=int, default=None, help=f"ONNX opset [default: {_EXPORT.opset}].")
 @click.option("--batch", default=None, metavar="dynamic|N",
               help="ONNX batch axis: dynamic, or a fixed size N [default: dynamic].")
 @click.option("--max-batch", type=int, default=None,
-              help="TensorRT profile maximum batch [default: 64].")
+              help=f"TensorRT profile maximum batch [default: {DEFAULT_MAX_BATCH}].")
 @click.option("--opt-batch", type=int, default=None,
               help="TensorRT profile batch to tune for [default: --max-batch].")
-@click.option("--fp16/--fp32", default=False, help="TensorRT precision [default: fp32].")
+@click.option("--fp16/--fp32", default=_EXPORT.fp16, help=f"TensorRT precision [default: {_EXPORT.precision}].")
 @click.option("--profile", "profile", type=click.Path(path_type=str), default=None,
               help="JSON file of options (see export/); flags given here override it.")
-@click.option("--keep-unfused/--no-keep-unfused", default=False,
+@click.option("--keep-unfused/--no-keep-unfused", default=_EXPORT.keep_unfused,
               help="Also write the unfused training form as model_unfused.onnx.")
-@click.option("--atol", type=float, default=None, help="fp32 parity tolerance [default: 1e-4].")
+@click.option("--atol", type=float, default=None, help=f"fp32 parity tolerance [default: {_EXPORT.atol:g}].")
 @click.option("--rtol", type=float, default=None,
-              help="fp32 parity tolerance relative to max|logit| [default: 1e-4].")
-@click.option("--trt-atol", type=float, default=None,
-              help="TensorRT tolerance [default: 1e-3 fp32, 1e-2 fp16].")
-@click.option("--trt-rtol", type=float, default=None,
-              help="TensorRT relative tolerance [default: 1e-3 fp32, 2e-2 fp16].")
+              help=f"fp32 parity tolerance relative to max|logit| [default: {_EXPORT.rtol:g}].")
+@click.option("--trt-atol", type=float, default=None, help="TensorRT tolerance [default: " + ", ".join(
+    f"{t.atol:g} {p}" for p, t in TRT_TOLERANCES.items()) + "].")
+@click.option("--trt-rtol", type=float, default=None, help="TensorRT relative tolerance [default: " + ", ".join(
+    f"{t.rtol:g} {p}" for p, t in TRT_TOLERANCES.items()) + "].")
 @click.option("--samples", type=int, default=None,
-              help="Verification inputs (validation images when available) [default: 64].")
+              help=f"Verification inputs (validation images when available) [default: {_EXPORT.samples}].")
 @click.pass_context
 def fuse_export_cmd(ctx: click.Context, run_dir: str, profile: str | None, **flags) -> None:
     """Fuse a training run into the plain network and export verified artifacts.
@@ -78,7 +90,7 @@ def fuse_export_cmd(ctx: click.Context, run_dir: str, profile: str | None, **fla
     """
     from click.core import ParameterSource
 
-    from .export import ExportOptions, format_report, fuse_export, load_profile, parse_batch
+    from .export import format_report, fuse_export, load_profile, parse_batch
 
     given = {k: v for k, v in flags.items()
              if ctx.get_parameter_source(k) is ParameterSource.COMMANDLINE}
@@ -100,7 +112,7 @@ def _backend_flags(command):
 
     for name in reversed(list_backends()):
         backend = get_backend(name)
-        fused = f"fused model: RUN_DIR/deploy/{backend.FILE}" if backend.FILE else "fused in-process"
+        fused = f"fused model: DEPLOY/{backend.FILE}" if backend.FILE else "fused in-process"
         command = click.option(f"--{name}", f"use_{name}", is_flag=True, help=f"{backend.LABEL}; {fused}.")(command)
     return command
 
@@ -108,19 +120,24 @@ def _backend_flags(command):
 @main.command("bench")
 @click.argument("run_dir", type=click.Path(path_type=str))
 @_backend_flags
+@click.option("--deploy", default=None, type=click.Path(path_type=str),
+              help="The fuse-export folder (its --out) of this run's current weights, for backends "
+                   "that time an exported file [default: RUN_DIR/deploy].")
 @click.option("--device", default=None, help="cpu or cuda [default: cuda for --trt, else cpu].")
 @click.option("--baseline", default=None, type=click.Path(path_type=str),
               help="A plain (baseline-trained) run of the same architecture [default: the plain "
                    "architecture with BatchNorm folded; weights do not change latency].")
-@click.option("--batch-sizes", default="1,64", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--warmup-s", type=float, default=1.0, show_default=True, help="Warm-up seconds per model.")
+@click.option("--batch-sizes", default=_listed(DEFAULT_BATCH_SIZES), show_default=True,
+              help="Comma-separated batch sizes.")
+@click.option("--warmup-s", type=float, default=_BUDGET.warmup_s, show_default=True,
+              help="Warm-up seconds per model.")
 @click.option("--min-s", type=float, default=None,
-              help="Time every model for at least this many seconds [default: 3].")
+              help=f"Time every model for at least this many seconds [default: {DEFAULT_MIN_S:g}].")
 @click.option("--iters", type=int, default=None, help="Instead of --min-s: this many rounds of one call per model.")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores available].")
 @click.option("--out", default=None, type=click.Path(path_type=str), help="Report folder [default: RUN_DIR/bench].")
 @click.option("--quiet", is_flag=True, help="Print only the result.")
-def bench_cmd(run_dir, device, baseline, batch_sizes, warmup_s, min_s, iters, threads, out, quiet,
+def bench_cmd(run_dir, deploy, device, baseline, batch_sizes, warmup_s, min_s, iters, threads, out, quiet,
               **use) -> None:
     """Time an RSD run unfused, fused and against a plain baseline: is there any inference overhead?
 
@@ -129,7 +146,7 @@ def bench_cmd(run_dir, device, baseline, batch_sizes, warmup_s, min_s, iters, th
     fused/baseline ratios with bootstrap 95% intervals, and a verdict.
     """
     from .backends import list_backends
-    from .bench import Budget, bench_run
+    from .bench import bench_run
 
     chosen = [name for name in list_backends() if use[f"use_{name}"]]
     if len(chosen) != 1:
@@ -141,7 +158,7 @@ def bench_cmd(run_dir, device, baseline, batch_sizes, warmup_s, min_s, iters, th
         if not quiet:
             click.echo(msg, err=True)
 
-    result = bench_run(run_dir, chosen[0], device=device, baseline=baseline, batch_sizes=batch_sizes,
+    result = bench_run(run_dir, chosen[0], device=device, baseline=baseline, deploy=deploy, batch_sizes=batch_sizes,
                        budget=budget, threads=threads, out=out, progress=progress)
     click.echo(f"{result['model']}: {result['backend']} on {result['device']}, {result['threads']} threads")
     for e in result["results"]:
@@ -176,14 +193,14 @@ def _csv(kind):
 @click.option("--config", "recipe", default=None,
               help="Recipe file (JSON or TOML, keys as the options below with - or _); "
                    "options given on the command line override it.")
-@click.option("--model", default="resnet20", show_default=True,
+@click.option("--model", default=_TRAIN.model, show_default=True,
               help="Architecture (see `rsd-deploy models`).")
-@click.option("--method", type=click.Choice(["rsd", "baseline"]), default="rsd", show_default=True,
+@click.option("--method", type=click.Choice(METHODS), default=_TRAIN.method, show_default=True,
               help="rsd: multi-branch form with the RSD loss; baseline: plain conv+BN with cross-entropy.")
-@click.option("--data", default="digits", show_default=True,
-              help="digits | cifar10 | cifar100 | imagefolder.")
+@click.option("--data", default=_TRAIN.data, show_default=True,
+              help=" | ".join(DATASETS) + ".")
 @click.option("--data-dir", default=None, help="Data set folder (cifar10/cifar100/imagefolder).")
-@click.option("--download/--no-download", default=False, show_default=True,
+@click.option("--download/--no-download", default=_TRAIN.download, show_default=True,
               help="Let torchvision fetch CIFAR into --data-dir.")
 @click.option("--input-size", type=int, default=None,
               help="Input side [default: the model's, 16 for digits].")
@@ -191,43 +208,43 @@ def _csv(kind):
               help="Train on an evenly spread subset of this many images (smoke runs).")
 @click.option("--val-samples", type=int, default=None,
               help="Validate on an evenly spread subset of this many images (smoke runs).")
-@click.option("--epochs", type=int, default=8, show_default=True)
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Per process.")
-@click.option("--lr", type=float, default=0.05, show_default=True)
-@click.option("--lr-milestones", callback=_csv(int), default="", show_default=True,
+@click.option("--epochs", type=int, default=_TRAIN.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=_TRAIN.batch_size, show_default=True, help="Per process.")
+@click.option("--lr", type=float, default=_TRAIN.lr, show_default=True)
+@click.option("--lr-milestones", callback=_csv(int), default=_listed(_TRAIN.lr_milestones), show_default=True,
               help="Epochs at which the learning rate is multiplied by --lr-gamma, e.g. 150,180,210.")
-@click.option("--lr-gamma", type=float, default=0.1, show_default=True)
-@click.option("--schedule", type=click.Choice(["step", "cosine"]), default="cosine", show_default=True,
+@click.option("--lr-gamma", type=float, default=_TRAIN.lr_gamma, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_TRAIN.schedule, show_default=True,
               help="step: x --lr-gamma at each milestone; cosine: down to 0 at the end of the last epoch.")
-@click.option("--warmup-epochs", type=float, default=1.0, show_default=True,
+@click.option("--warmup-epochs", type=float, default=_TRAIN.warmup_epochs, show_default=True,
               help="Linear learning-rate warm-up over this many epochs (fractions allowed).")
-@click.option("--clip-grad-norm", type=float, default=5.0, show_default=True,
+@click.option("--clip-grad-norm", type=float, default=_TRAIN.clip_grad_norm, show_default=True,
               callback=lambda ctx, param, v: None if v == 0 else v,
               help="Clip the global gradient norm to this value; 0 turns clipping off (null in a recipe).")
-@click.option("--precise-bn", type=int, default=20, show_default=True,
+@click.option("--precise-bn", type=int, default=_TRAIN.precise_bn, show_default=True,
               help="Re-estimate BatchNorm statistics over this many clean training batches before "
                    "every evaluation and before the weights are written (0: off).")
-@click.option("--collapse-guard/--no-collapse-guard", default=True, show_default=True,
+@click.option("--collapse-guard/--no-collapse-guard", default=_TRAIN.collapse_guard, show_default=True,
               help="Stop a run whose network has collapsed (chance accuracy, maximum-entropy loss).")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--drop-rate", type=float, default=0.2, show_default=True,
+@click.option("--momentum", type=float, default=_TRAIN.momentum, show_default=True)
+@click.option("--weight-decay", type=float, default=_TRAIN.weight_decay, show_default=True)
+@click.option("--seed", type=int, default=_TRAIN.seed, show_default=True)
+@click.option("--drop-rate", type=float, default=_TRAIN.drop_rate, show_default=True,
               help="Branch-drop rate of the student pass.")
-@click.option("--alpha", type=float, default=1.0, show_default=True, help="Weight of the CE terms.")
-@click.option("--beta", type=float, default=1.0, show_default=True, help="Weight of the KL terms.")
-@click.option("--temperature", type=float, default=3.0, show_default=True, help="KL temperature.")
-@click.option("--mixture/--no-mixture", default=True, show_default=True,
+@click.option("--alpha", type=float, default=_TRAIN.alpha, show_default=True, help="Weight of the CE terms.")
+@click.option("--beta", type=float, default=_TRAIN.beta, show_default=True, help="Weight of the KL terms.")
+@click.option("--temperature", type=float, default=_TRAIN.temperature, show_default=True, help="KL temperature.")
+@click.option("--mixture/--no-mixture", default=_TRAIN.mixture, show_default=True,
               help="The feature mixture block (off: no mix terms).")
 @click.option("--loss-terms", callback=_csv(str), show_default=True,
-              default="ce_student,ce_teacher,ce_mix_tt,ce_mix_ts,kd_student,kd_mix",
+              default=_listed(_TRAIN.loss_terms),
               help="Loss terms switched on (ablations).")
-@click.option("--detach-teacher/--no-detach-teacher", default=False, show_default=True,
+@click.option("--detach-teacher/--no-detach-teacher", default=_TRAIN.detach_teacher, show_default=True,
               help="Stop gradients through the KL targets.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--amp/--no-amp", default=False, show_default=True, help="mixed precision: float16 autocast with gradient scaling on CUDA, bfloat16 autocast on a CPU with bfloat16 instructions.")
-@click.option("--workers", type=int, default=2, show_default=True, help="Data loading processes.")
-@click.option("--eval-batch-size", type=int, default=256, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=_TRAIN.device, show_default=True)
+@click.option("--amp/--no-amp", default=_TRAIN.amp, show_default=True, help="mixed precision: float16 autocast with gradient scaling on CUDA, bfloat16 autocast on a CPU with bfloat16 instructions.")
+@click.option("--workers", type=int, default=_TRAIN.workers, show_default=True, help="Data loading processes.")
+@click.option("--eval-batch-size", type=int, default=_TRAIN.eval_batch_size, show_default=True)
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimizer steps.")
 @click.option("--out", default=None,
               help="Run directory [default: runs/MODEL-METHOD-DATA-TIME].")
@@ -244,7 +261,7 @@ def train_cmd(ctx: click.Context, recipe: str | None, out: str | None, resume: b
     """
     from click.core import ParameterSource
 
-    from .training import TrainConfig, load_recipe, resume_config, train
+    from .training import load_recipe, resume_config, train
 
     given = {k: v for k, v in options.items()
              if ctx.get_parameter_source(k) not in (ParameterSource.DEFAULT, None)}
@@ -263,9 +280,9 @@ def train_cmd(ctx: click.Context, recipe: str | None, out: str | None, resume: b
 @main.command("eval")
 @click.argument("run_dir")
 @click.option("--data-dir", default=None, help="Where the run's data set is now, if it moved.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--batch-size", type=int, default=_TRAIN.eval_batch_size, show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=_TRAIN.device, show_default=True)
+@click.option("--workers", type=int, default=_TRAIN.workers, show_default=True)
 def eval_cmd(run_dir: str, data_dir: str | None, batch_size: int, device: str, workers: int) -> None:
     """Print top-1 and top-5 accuracy of a run on its validation split."""
     from .training.evaluation import evaluate_run

@@ -22,14 +22,13 @@ leaves no artifact behind.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +38,10 @@ from .backends import get_backend
 from .backends.trt import TOLERANCES as TRT_TOLERANCES
 from .errors import RSDError
 from .fuse import fuse_model
-from .io import DirLock, read_json, save_tensors, write_json
+from .io import DirLock, read_json, save_tensors, sha256_file, write_json
 from .onnx import DEFAULT_OPSET, export_onnx, max_opset
-from .run import RUN_FILE, WEIGHTS_FILE, build_model, load_run, load_state
+from .run import RUN_FILE, WEIGHTS_FILE, OnnxInfo, RunInfo, Source, TensorRTProfile, load_run, load_state
+from .schema import AT_LEAST_1, check_values, from_mapping
 from .verify import (
     Tolerance,
     logits,
@@ -90,23 +90,11 @@ class ExportOptions:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str = "options") -> "ExportOptions":
         """Options from a profile-like mapping; unknown keys and wrong types are an RSDError."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known) - {"description"})
-        if unknown:
-            raise RSDError(
-                f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        kwargs = {}
-        for key, value in values.items():
-            if key == "description":
-                continue
-            kwargs[key] = _coerce(key, value, where)
-        return cls(**kwargs)
+        return from_mapping(cls, values, where, parsers=_parsers(where), ignore=("description",))
 
     def with_overrides(self, values: Mapping[str, Any]) -> "ExportOptions":
         """A copy with ``values`` (e.g. explicit command-line flags) taking precedence."""
-        merged = {**asdict(self), **values}
-        return ExportOptions.from_mapping(merged, "options")
+        return from_mapping(ExportOptions, values, "options", base=self, parsers=_parsers("options"))
 
     @property
     def writes_onnx(self) -> bool:
@@ -145,21 +133,20 @@ class ExportOptions:
                 f"opset {self.opset} cannot be produced by the installed PyTorch exporter "
                 f"(supported: 9 to {max_opset()})"
             )
-        for key in ("batch", "max_batch", "opt_batch"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise RSDError(f"{key.replace('_', '-')} must be positive (got {value})")
-        if self.samples < 1:
-            raise RSDError(f"samples must be positive (got {self.samples})")
+        check_values(self, _RANGES, lambda name: f"--{name.replace('_', '-')}")
         Tolerance(self.atol, self.rtol)
         self.trt_tolerance()
         if self.trt:
             self.trt_profile()
 
 
-_BOOL = ("onnx", "trt", "fp16", "keep_unfused")
-_INT = ("opset", "max_batch", "opt_batch", "samples")
-_FLOAT = ("atol", "rtol", "trt_atol", "trt_rtol")
+#: Ranges of the options (every number is also checked to be finite; see schema.check_values).
+_RANGES = {"batch": AT_LEAST_1, "max_batch": AT_LEAST_1, "opt_batch": AT_LEAST_1, "samples": AT_LEAST_1}
+
+
+def _parsers(where: str) -> dict[str, Callable[[Any], Any]]:
+    """Options read by their own parser: ``batch`` is "dynamic" or a positive integer."""
+    return {"batch": lambda value: parse_batch(value, f"{where}: batch")}
 
 
 def parse_batch(value: Any, where: str = "--batch") -> int | None:
@@ -177,24 +164,6 @@ def parse_batch(value: Any, where: str = "--batch") -> int | None:
     return n
 
 
-def _coerce(key: str, value: Any, where: str) -> Any:
-    if key == "batch":
-        return parse_batch(value, f"{where}: batch")
-    if value is None and key in ("out", "max_batch", "opt_batch", "trt_atol", "trt_rtol"):
-        return None
-    ok = (
-        (key in _BOOL and isinstance(value, bool))
-        or (key in _INT and isinstance(value, int) and not isinstance(value, bool))
-        or (key in _FLOAT and isinstance(value, (int, float)) and not isinstance(value, bool))
-        or (key == "out" and isinstance(value, str))
-    )
-    if not ok:
-        kind = "true/false" if key in _BOOL else "an integer" if key in _INT else (
-            "a number" if key in _FLOAT else "a string")
-        raise RSDError(f"{where}: {key} must be {kind} (got {value!r})")
-    return float(value) if key in _FLOAT else value
-
-
 def load_profile(path: str | os.PathLike) -> ExportOptions:
     """Export options from a JSON profile (see the ``export/`` folder)."""
     data = read_json(path)
@@ -204,14 +173,6 @@ def load_profile(path: str | os.PathLike) -> ExportOptions:
 
 
 # --------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _STAGING_PREFIX = ".fuse-export-"
@@ -307,32 +268,28 @@ def _refuse_run_folder(out: Path, run_dir: Path) -> None:
     held = [name for name in _TRAINING_FILES if (out / name).exists()]
     if (out / RUN_FILE).exists():
         try:
-            meta = read_json(out / RUN_FILE)
+            info = RunInfo.read(out)
         except RSDError:
-            meta = None
-        if not (isinstance(meta, dict) and meta.get("form") == "deploy" and "source" in meta):
-            held.insert(0, f"{RUN_FILE} of a {meta.get('form')!r}-form run" if isinstance(meta, dict)
+            info = None
+        if info is None or not info.is_export:
+            held.insert(0, f"{RUN_FILE} of a {info.form!r}-form run" if info is not None
                         else f"a {RUN_FILE} that is not an export's")
     if held:
         raise RSDError(f"--out {out} holds a training run ({', '.join(held)}): the export would "
                        f"replace its weights; {hint}")
 
 
-def _onnx_metadata(meta: Mapping[str, Any], form: str, source_sha: str) -> dict[str, str]:
-    data = meta.get("data") if isinstance(meta.get("data"), Mapping) else {}
-    norm = meta.get("normalization")
-    if not isinstance(norm, Mapping):
-        norm = {"mean": data.get("mean"), "std": data.get("std")}
-    classes = meta.get("classes") or data.get("classes")
+def _onnx_metadata(info: RunInfo, form: str, source_sha: str) -> dict[str, str]:
+    norm = info.normalization
     entries = {
-        "model": meta["model"],
+        "model": str(info.model),
         "form": form,
-        "num_classes": meta["num_classes"],
-        "classes": classes,
-        "in_channels": meta["in_channels"],
-        "input_size": list(meta["input_size"]),
-        "mean": norm.get("mean"),
-        "std": norm.get("std"),
+        "num_classes": info.num_classes,
+        "classes": info.classes,
+        "in_channels": info.in_channels,
+        "input_size": info.input_size,
+        "mean": norm and norm.mean,
+        "std": norm and norm.std,
         "rsd_deploy_version": __version__,
         "source_sha256": source_sha,
     }
@@ -372,32 +329,31 @@ def fuse_export(
     run_dir = Path(run_dir)
 
     # 1. Load and fuse. -------------------------------------------------------------
-    model, meta = load_run(run_dir)
+    model, info = load_run(run_dir)
     weights = run_dir / WEIGHTS_FILE
     source_sha = sha256_file(weights)
     out = Path(opts.out) if opts.out else run_dir / DEPLOY_DIR
     _refuse_run_folder(out, run_dir)
-    h, w = (int(v) for v in meta["input_size"])
-    c = int(meta["in_channels"])
-    input_shape = (c, h, w)
+    input_shape = info.input_shape
+    name = str(info.model)
     tol = Tolerance(opts.atol, opts.rtol)
     checks: list[dict[str, Any]] = []
     report: dict[str, Any] = {
         "rsd_deploy_version": __version__,
         "run_dir": str(run_dir.resolve()),
         "out_dir": str(out.resolve()),
-        "model": meta["model"],
-        "source": {"form": meta["form"], "weights": str(weights.resolve()), "sha256": source_sha},
+        "model": name,
+        "source": {"form": info.form, "weights": str(weights.resolve()), "sha256": source_sha},
         "options": asdict(opts),
         "checks": checks,
         "warnings": [],
     }
-    say(f"fusing {meta['model']} ({meta['form']} form)")
+    say(f"fusing {name} ({info.form} form)")
     fused = fuse_model(model)
 
     with _Staging(out) as stage:
         # 2. PyTorch parity: fused against unfused. --------------------------------------
-        x, inputs = verification_inputs(meta, opts.samples)
+        x, inputs = verification_inputs(info.to_json(), opts.samples)
         report["verification_inputs"] = inputs
         say(f"verifying in PyTorch on {inputs}")
         ref_unfused = torch_logits(model, x)
@@ -406,16 +362,15 @@ def fuse_export(
 
         # 3. Fused weights, reloaded the way a user would. --------------------------------
         save_tensors(stage / WEIGHTS_FILE, fused.state_dict(),
-                     metadata={"model": meta["model"], "form": "deploy", "source_sha256": source_sha})
-        plain = build_model(meta, form="deploy")
-        load_state(plain, stage / WEIGHTS_FILE, f"architecture {meta['model']!r} (deploy form)")
+                     metadata={"model": name, "form": "deploy", "source_sha256": source_sha})
+        plain = info.build_model(form="deploy")
+        load_state(plain, stage / WEIGHTS_FILE, f"architecture {name!r} (deploy form)")
         require(_add(checks, parity("deploy weights reloaded", ref_fused, torch_logits(plain, x),
                                     Tolerance(0.0, 0.0), batch=len(x))))
 
-        deploy_meta = {**meta, "form": "deploy",
-                       "source": {"run_dir": str(run_dir.resolve()), "form": meta["form"],
-                                  "weights_sha256": source_sha}}
-        metadata = _onnx_metadata(meta, "deploy", source_sha)
+        deploy = info.replace(form="deploy", weights_sha256=sha256_file(stage / WEIGHTS_FILE),
+                              source=Source(source_sha, str(run_dir.resolve()), info.form))
+        metadata = _onnx_metadata(info, "deploy", source_sha)
         for key in ("classes", "mean", "std"):
             if key not in metadata:
                 report["warnings"].append(f"the run records no {key}; the ONNX metadata lacks it")
@@ -433,7 +388,7 @@ def fuse_export(
             say("auditing the graph against the plain architecture")
             graph = op_histogram(onnx_path)
             reference = reference_histogram(
-                meta["model"], num_classes=int(meta["num_classes"]), in_channels=c,
+                name, num_classes=info.num_classes, in_channels=info.in_channels,
                 input_shape=input_shape, opset=opts.opset, batch=opts.batch)
             result = audit(graph, reference)
             report["audit"] = {
@@ -462,7 +417,7 @@ def fuse_export(
                 say("exporting the unfused training form for comparison")
                 unfused_path = stage / UNFUSED_ONNX_FILE
                 export_onnx(model, unfused_path, input_shape=input_shape, batch=opts.batch,
-                            opset=opts.opset, metadata=_onnx_metadata(meta, meta["form"], source_sha))
+                            opset=opts.opset, metadata=_onnx_metadata(info, info.form, source_sha))
                 _check_onnx(unfused_path)
                 unfused_graph = op_histogram(unfused_path)
                 ops = sorted(set(unfused_graph) | set(graph))
@@ -475,18 +430,17 @@ def fuse_export(
                 require(_add(checks, parity(f"onnxruntime unfused vs pytorch unfused, batch {batch}",
                                             ref, logits(runner, xs, batch), tol, batch=batch)))
                 del runner
-            deploy_meta["onnx"] = {"file": ONNX_FILE, "opset": opts.opset,
-                                   "batch": opts.batch or "dynamic"}
+            deploy.onnx = OnnxInfo(ONNX_FILE, opts.opset, opts.batch or "dynamic")
 
         # 7. TensorRT. ------------------------------------------------------------------
         if opts.trt:
             report["tensorrt"] = _tensorrt_step(opts, stage, out, input_shape, x, checks, say)
             if report["tensorrt"]["status"] == "built":
                 t = report["tensorrt"]
-                deploy_meta["tensorrt"] = {k: t[k] for k in ("min_batch", "opt_batch", "max_batch", "precision")}
+                deploy.tensorrt = TensorRTProfile(t["min_batch"], t["opt_batch"], t["max_batch"], t["precision"])
 
         # 8. Report. --------------------------------------------------------------------
-        write_json(stage / RUN_FILE, deploy_meta)
+        deploy.write(stage.path)
         report["artifacts"] = {
             p.name: _artifact_record(p) for p in sorted(stage.path.iterdir()) if p.is_file()
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -131,6 +132,15 @@ def read_json(path: str | os.PathLike) -> Any:
         raise RSDError(f"{path} not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RSDError(f"{path} is not valid JSON: {e}") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, in hex: what records of provenance compare."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],

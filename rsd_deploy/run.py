@@ -1,17 +1,33 @@
-"""Run directories: the contract between training, export and benchmarking.
+"""Run directories and :class:`RunInfo`, the one record of a run (``run.json``).
 
-A run directory holds ``model.safetensors`` (the state dict) and ``run.json``,
-which says how to rebuild the model: at least ``model`` (a zoo name), ``form``
-("rsd", "plain" or "deploy"), ``num_classes``, ``in_channels`` and ``input_size``
-(``[H, W]``). Training adds ``classes``, ``normalization`` (``{"mean", "std"}``),
-``data``, ``config``, ``versions`` and ``metrics``; export adds what it verified.
+A run directory holds ``model.safetensors`` (the state dict) and ``run.json``, which
+says how to rebuild the model and where it came from. Training writes it, fuse-export
+writes one for the deploy folder, eval and bench read them: all through
+:class:`RunInfo`, the only reader and writer of ``run.json``.
+
+Adding a model source (``torchvision:NAME``, ``timm:NAME``) is one entry in
+:data:`SOURCES`: the record names a model as ``[KIND:]NAME``, a bare name being a zoo
+model. Changing the record's layout means raising :data:`SCHEMA_VERSION` and teaching
+:func:`_migrate` to bring older files up to it, so runs made before keep working.
+
+``run.json`` (version 2)::
+
+    {"version": 2, "model": "resnet20", "form": "rsd", "num_classes": 10, "in_channels": 3,
+     "input_size": [32, 32], "method": "rsd", "classes": [...],
+     "normalization": {"mean": [...], "std": [...]}, "data": {...}, "config": {...},
+     "training": {...}, "versions": {...}, "metrics": {...}, "weights_sha256": "...",
+     "source": {"weights_sha256": "...", "run_dir": "...", "form": "rsd"},   # exports only
+     "onnx": {...}, "tensorrt": {...}}                                         # exports only
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -19,15 +35,175 @@ from . import models
 from .blocks import FORMS
 from .data import DataInfo, is_count, is_names, is_numbers, is_size
 from .errors import RSDError
-from .io import load_tensors, read_json, save_tensors, write_json
+from .io import json_text, load_tensors, read_json, save_tensors, sha256_file, write_json
+from .schema import Rule, fields_json, from_mapping
 
 WEIGHTS_FILE = "model.safetensors"
 RUN_FILE = "run.json"
-REQUIRED_KEYS = ("model", "form", "num_classes", "in_channels", "input_size")
+SCHEMA_VERSION = 2  #: 1: the files written before the version key (read and migrated)
 
 
-#: Type test and words of every entry a reader of ``run.json`` uses (optional ones too).
-_TYPES: dict[str, tuple[Any, str]] = {
+# Model sources -------------------------------------------------------------------------------
+
+
+class SourceKind(NamedTuple):
+    """How to check a model name of one kind and how to build the model."""
+
+    check: Callable[[str], Any]  #: raises RSDError for an unknown name
+    create: Callable[..., nn.Module]  #: (name, *, num_classes, in_channels, form) -> module
+
+
+#: Model sources by kind. A new kind (torchvision, timm) is one entry here.
+SOURCES: dict[str, SourceKind] = {"zoo": SourceKind(models.get_spec, models.create)}
+DEFAULT_KIND = "zoo"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where an architecture comes from: a ``kind`` of :data:`SOURCES` and a ``name`` in it.
+
+    Written as ``"KIND:NAME"``, or just ``"NAME"`` for the zoo (the default kind).
+    """
+
+    name: str
+    kind: str = DEFAULT_KIND
+
+    @classmethod
+    def from_json(cls, text: Any) -> "ModelSource":
+        """``"[KIND:]NAME"`` -> the source, its kind and name checked."""
+        if not isinstance(text, str) or not text:
+            raise RSDError(f"must be a model name (got {text!r})")
+        kind, colon, name = text.partition(":")
+        source = cls(name, kind) if colon else cls(text)
+        if source.kind not in SOURCES:
+            raise RSDError(f"unknown model source {source.kind!r} in {text!r}; known: {', '.join(SOURCES)}")
+        SOURCES[source.kind].check(source.name)
+        return source
+
+    def to_json(self) -> str:
+        return self.name if self.kind == DEFAULT_KIND else f"{self.kind}:{self.name}"
+
+    __str__ = to_json
+
+    def create(self, *, num_classes: int, in_channels: int, form: str) -> nn.Module:
+        return SOURCES[self.kind].create(self.name, num_classes=num_classes, in_channels=in_channels, form=form)
+
+
+# The record ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Normalization:
+    """Per-channel mean and std the inputs are normalized with."""
+
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass
+class Source:
+    """Provenance of an export: the sha256 of the weights it was made from, and their run."""
+
+    weights_sha256: str
+    run_dir: str | None = None
+    form: str | None = None
+
+
+@dataclass
+class OnnxInfo:
+    file: str
+    opset: int
+    batch: int | str  #: a fixed batch size, or "dynamic"
+
+
+@dataclass
+class TensorRTProfile:
+    """The batch profile and precision a TensorRT engine was built for."""
+
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+    precision: str
+
+
+@dataclass
+class RunInfo:
+    """Everything ``run.json`` records about a run; see the module docstring for the layout."""
+
+    model: ModelSource
+    form: str  #: "rsd", "plain" or "deploy"
+    num_classes: int
+    in_channels: int
+    input_size: list[int]  #: [H, W]
+    method: str | None = None  #: how it was trained: "rsd" or "baseline"
+    classes: list[str] | None = None
+    normalization: Normalization | None = None
+    data: DataInfo | None = None
+    config: dict[str, Any] | None = None  #: the TrainConfig, in full
+    training: dict[str, Any] | None = None  #: processes, effective batch, device
+    versions: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = None  #: of this folder's model.safetensors, set when it is written
+    source: Source | None = None  #: exports: the weights they were made from
+    onnx: OnnxInfo | None = None
+    tensorrt: TensorRTProfile | None = None
+    version: int = SCHEMA_VERSION
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = RUN_FILE) -> "RunInfo":
+        """The record in ``data`` (a ``run.json``'s content, any version); RSDError naming ``where``."""
+        if not isinstance(data, dict):
+            raise RSDError(f"{where} must hold a JSON object")
+        data = _migrate(data, where)
+        info = from_mapping(cls, data, where, rules=_RULES)
+        if info.form not in FORMS:
+            raise RSDError(f"{where}: unknown form {info.form!r}")
+        if info.classes is not None and len(info.classes) != info.num_classes:
+            raise RSDError(f"{where}: {len(info.classes)} classes for num_classes {info.num_classes}")
+        return info
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as written to ``run.json`` (entries not recorded left out)."""
+        data = fields_json(self, drop_none=True)
+        return {"version": data.pop("version"), **data}
+
+    @classmethod
+    def read(cls, run_dir: str | os.PathLike) -> "RunInfo":
+        """``RUN_DIR/run.json``, checked and brought to the current version."""
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise RSDError(f"run directory {run_dir} does not exist")
+        return cls.from_json(read_json(run_dir / RUN_FILE), str(run_dir / RUN_FILE))
+
+    def write(self, run_dir: str | os.PathLike) -> None:
+        write_json(Path(run_dir) / RUN_FILE, self.to_json())
+
+    def text(self) -> str:
+        """The file's text, for writers that stage several files together."""
+        return json_text(self.to_json())
+
+    def replace(self, **changes: Any) -> "RunInfo":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one input."""
+        return (self.in_channels, *self.input_size)
+
+    @property
+    def is_export(self) -> bool:
+        """Whether this is a fuse-export's record (a deploy form with its provenance)."""
+        return self.form == "deploy" and self.source is not None
+
+    def build_model(self, form: str | None = None) -> nn.Module:
+        """The architecture, in its own form or in ``form``, with fresh weights."""
+        return self.model.create(num_classes=self.num_classes, in_channels=self.in_channels,
+                                 form=form or self.form)
+
+
+#: Tests of the raw values, with the words of the messages (run before the types are checked).
+_RULES: dict[str, Rule] = {
+    "version": (is_count, "a positive integer"),
     "model": (lambda v: isinstance(v, str), "a model name"),
     "num_classes": (is_count, "a positive integer"),
     "in_channels": (is_count, "a positive integer"),
@@ -42,42 +218,48 @@ _TYPES: dict[str, tuple[Any, str]] = {
 }
 
 
-def read_run(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """``run.json`` of ``run_dir``, every entry its readers use checked for presence and type."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RSDError(f"run directory {run_dir} does not exist")
-    path = run_dir / RUN_FILE
-    meta = read_json(path)
-    if not isinstance(meta, dict):
-        raise RSDError(f"{path} must hold a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise RSDError(f"{path} lacks {', '.join(missing)}")
-    for key, (test, words) in _TYPES.items():  # an optional entry may be null: not recorded
-        if (key in REQUIRED_KEYS or meta.get(key) is not None) and not test(meta.get(key)):
-            raise RSDError(f"{path}: {key} must be {words} (got {meta.get(key)!r})")
-    models.get_spec(meta["model"])  # unknown model -> RSDError
-    if meta["form"] not in FORMS:
-        raise RSDError(f"{path}: unknown form {meta['form']!r}")
-    if meta.get("classes") is not None and len(meta["classes"]) != meta["num_classes"]:
-        raise RSDError(f"{path}: {len(meta['classes'])} classes for num_classes {meta['num_classes']}")
-    if meta.get("data") is not None:
-        try:
-            DataInfo.from_json(meta["data"])
-        except RSDError as e:
-            raise RSDError(f"{path}: data: {e}") from None
-    return meta
+def _migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """``data`` brought from its version to :data:`SCHEMA_VERSION`."""
+    version = data.get("version", 1)
+    if not is_count(version):
+        raise RSDError(f"{where}: version must be a positive integer (got {version!r})")
+    if version > SCHEMA_VERSION:
+        raise RSDError(f"{where} is version {version} of the run record; this rsd-deploy reads up to "
+                       f"{SCHEMA_VERSION}: upgrade rsd-deploy")
+    if version == 1:
+        data = _from_version_1(data)
+    return data
 
 
-def build_model(meta: dict[str, Any], form: str | None = None) -> nn.Module:
-    """The architecture ``meta`` describes, in its own form or in ``form``."""
-    return models.create(
-        meta["model"],
-        num_classes=int(meta["num_classes"]),
-        in_channels=int(meta["in_channels"]),
-        form=form or meta["form"],
-    )
+def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 (no version key): "source" had several shapes, and normalization and
+    classes were sometimes only in "data"."""
+    data = {**data, "version": 2}
+    src = data.get("source")
+    if isinstance(src, dict):
+        sha = src.get("weights_sha256", src.get("sha256"))
+        data["source"] = None if sha is None else {
+            "weights_sha256": sha, "run_dir": src.get("run_dir"), "form": src.get("form")}
+    described = data.get("data")
+    if isinstance(described, dict):
+        if data.get("normalization") is None and "mean" in described and "std" in described:
+            data["normalization"] = {"mean": described["mean"], "std": described["std"]}
+        if data.get("classes") is None and "classes" in described:
+            data["classes"] = described["classes"]
+    return data
+
+
+# Run directories -----------------------------------------------------------------------------
+
+
+def read_run(run_dir: str | os.PathLike) -> RunInfo:
+    """The record of ``run_dir`` (see :meth:`RunInfo.read`)."""
+    return RunInfo.read(run_dir)
+
+
+def build_model(info: RunInfo, form: str | None = None) -> nn.Module:
+    """The architecture ``info`` describes, in its own form or in ``form``."""
+    return info.build_model(form)
 
 
 def load_state(model: nn.Module, path: str | os.PathLike, what: str = "") -> None:
@@ -91,20 +273,41 @@ def load_state(model: nn.Module, path: str | os.PathLike, what: str = "") -> Non
         raise RSDError(f"{path} does not match {what or 'the model'}: {detail[:300]}") from None
 
 
-def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a run directory, with its weights, in eval mode, and its ``run.json``."""
+def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, RunInfo]:
+    """The model of a run directory, with its weights, in eval mode, and its record."""
     run_dir = Path(run_dir)
-    meta = read_run(run_dir)
-    model = build_model(meta)
-    load_state(model, run_dir / WEIGHTS_FILE, f"architecture {meta['model']!r} ({meta['form']} form)")
-    return model.eval(), meta
+    info = read_run(run_dir)
+    model = info.build_model()
+    load_state(model, run_dir / WEIGHTS_FILE, f"architecture {str(info.model)!r} ({info.form} form)")
+    return model.eval(), info
 
 
-def save_run(run_dir: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Write ``model``'s weights and ``meta`` to ``run_dir``, each file atomically."""
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise ValueError(f"run metadata lacks {', '.join(missing)}")
+def save_run(run_dir: str | os.PathLike, model: nn.Module, info: RunInfo) -> RunInfo:
+    """Write ``model``'s weights and their record to ``run_dir``, each file atomically.
+
+    Returns the record written: ``info`` with the sha256 of the weights.
+    """
     run_dir = Path(run_dir)
     save_tensors(run_dir / WEIGHTS_FILE, model.state_dict())
-    write_json(run_dir / RUN_FILE, meta)
+    info = info.replace(weights_sha256=sha256_file(run_dir / WEIGHTS_FILE))
+    info.write(run_dir)
+    return info
+
+
+def check_made_from(deploy_dir: str | os.PathLike, run_dir: str | os.PathLike) -> RunInfo:
+    """The record of export ``deploy_dir``, refused unless it was made from ``run_dir``'s weights.
+
+    The export records the sha256 of the weights it was fused from; a run trained further
+    (or replaced) since has other weights, and its old export would be timed in its place.
+    """
+    deploy_dir, run_dir = Path(deploy_dir), Path(run_dir)
+    info = read_run(deploy_dir)
+    hint = f"re-export it: rsd-deploy fuse-export {run_dir}"
+    if info.source is None:
+        raise RSDError(f"{deploy_dir / RUN_FILE} records no sha256 of the weights it was exported from; {hint}")
+    current = sha256_file(run_dir / WEIGHTS_FILE)
+    if info.source.weights_sha256 != current:
+        raise RSDError(
+            f"{deploy_dir} was exported from other weights (sha256 {info.source.weights_sha256[:12]}) than "
+            f"{run_dir / WEIGHTS_FILE} now holds ({current[:12]}); {hint}")
+    return info

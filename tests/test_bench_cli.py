@@ -13,16 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import HAS_CUDA, record_engine, requires_cuda, requires_tensorrt, untrained_run
 
-from bench_runs import make_run
-from conftest import HAS_CUDA, requires_cuda, requires_tensorrt
 from rsd_deploy.backends import Availability
 from rsd_deploy.backends import trt as trt_backend
 from rsd_deploy.bench import Budget, bench_run, timing
 from rsd_deploy.cli import main
 from rsd_deploy.errors import RSDError
-from rsd_deploy.io import write_json
-from rsd_deploy.run import read_run
+from rsd_deploy.export import ExportOptions, fuse_export
 
 FAST = ["--iters", "3", "--warmup-s", "0", "--threads", "2", "--quiet"]
 STAT_KEYS = {"calls", "total_s", "median_ms", "mean_ms", "p25_ms", "p75_ms", "p90_ms", "p99_ms",
@@ -36,7 +34,7 @@ def runs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def rsd_run(runs) -> Path:
-    return make_run(runs, "resnet20")
+    return untrained_run(runs, "resnet20")
 
 
 def invoke(*args: str):
@@ -116,7 +114,7 @@ def test_ort_end_to_end(rsd_run, tmp_path):
 
 
 def test_torch_end_to_end_writes_into_the_run_by_default(runs):
-    run_dir = make_run(runs, "resnet20", export=False, seed=1, dirname="torch-run")  # no export needed
+    run_dir = untrained_run(runs, "resnet20", export=False, seed=1, dirname="torch-run")  # no export needed
     result = invoke(run_dir, "--torch", "--batch-sizes", "2", *FAST)
     assert result.exit_code == 0, result.output
     report = check_report(run_dir / "bench", "torch", [2], iters=3)
@@ -124,11 +122,11 @@ def test_torch_end_to_end_writes_into_the_run_by_default(runs):
 
 
 def test_baseline_run_is_used_and_must_match(rsd_run, runs, tmp_path):
-    plain = make_run(runs, "resnet20", form="plain", export=False, dirname="plain20")
+    plain = untrained_run(runs, "resnet20", form="plain", export=False, dirname="plain20")
     report = bench_run(rsd_run, "torch", baseline=plain, batch_sizes="1",
                        budget=Budget(warmup_s=0, iters=2), threads=1, out=tmp_path / "b")
     assert report["models"]["baseline"]["description"].startswith(f"baseline run {plain}")
-    other = make_run(runs, "resnet32", form="plain", export=False, dirname="plain32")
+    other = untrained_run(runs, "resnet32", form="plain", export=False, dirname="plain32")
     assert_one_line_error(invoke(rsd_run, "--torch", "--baseline", other, *FAST), "model 'resnet32'")
     assert_one_line_error(invoke(rsd_run, "--torch", "--baseline", rsd_run, *FAST), "is an RSD run")
 
@@ -136,7 +134,7 @@ def test_baseline_run_is_used_and_must_match(rsd_run, runs, tmp_path):
 # Bad input --------------------------------------------------------------------------------
 
 def test_ort_without_exported_onnx(runs, tmp_path):
-    bare = make_run(runs, "resnet20", export=False, seed=2, dirname="bare")
+    bare = untrained_run(runs, "resnet20", export=False, seed=2, dirname="bare")
     out = tmp_path / "out"
     assert_one_line_error(invoke(bare, "--ort", "--out", out, *FAST), "no exported ONNX", "fuse-export")
     assert not out.exists()  # nothing half-written
@@ -147,10 +145,8 @@ def test_trt_without_engine(rsd_run):
 
 
 def test_batch_above_the_engine_profile_is_refused_before_tensorrt_is_imported(runs, monkeypatch):
-    run_dir = make_run(runs, "resnet20", seed=3, dirname="with-engine")
-    meta = read_run(run_dir / "deploy")
-    meta["tensorrt"] = {"min_batch": 1, "opt_batch": 8, "max_batch": 8, "precision": "fp32"}
-    write_json(run_dir / "deploy" / "run.json", meta)
+    run_dir = untrained_run(runs, "resnet20", seed=3, dirname="with-engine")
+    record_engine(run_dir / "deploy", {"min_batch": 1, "opt_batch": 8, "max_batch": 8, "precision": "fp32"})
     (run_dir / "deploy" / "model.engine").write_bytes(b"not built here")
 
     def no_tensorrt_please(device):
@@ -165,14 +161,14 @@ def test_batch_above_the_engine_profile_is_refused_before_tensorrt_is_imported(r
 
 
 def test_trt_profile_must_be_recorded(runs):
-    run_dir = make_run(runs, "resnet20", seed=4, dirname="engine-no-profile")
+    run_dir = untrained_run(runs, "resnet20", seed=4, dirname="engine-no-profile")
     (run_dir / "deploy" / "model.engine").write_bytes(b"x")
     assert_one_line_error(invoke(run_dir, "--trt", *FAST), "no complete 'tensorrt' profile")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error on a machine without CUDA")
 def test_gpu_backends_without_cuda_say_how_to_get_it(runs):
-    run_dir = make_run(runs, "resnet20", seed=5, tensorrt={
+    run_dir = untrained_run(runs, "resnet20", seed=5, tensorrt={
         "min_batch": 1, "opt_batch": 4, "max_batch": 4, "precision": "fp32"}, dirname="trt-no-gpu")
     (run_dir / "deploy" / "model.engine").write_bytes(b"x")
     assert_one_line_error(invoke(run_dir, "--trt", "--batch-sizes", "1,4", *FAST), "pip install 'rsd-deploy[trt]'")
@@ -215,18 +211,13 @@ def test_non_finite_times_are_refused(rsd_run, tmp_path):
 
 def test_bad_run_directories(runs, tmp_path):
     assert_one_line_error(invoke(tmp_path / "missing", "--ort", *FAST), "does not exist")
-    deploy = make_run(runs, "resnet20", seed=6, dirname="deploy-as-run") / "deploy"
+    deploy = untrained_run(runs, "resnet20", seed=6, dirname="deploy-as-run") / "deploy"
     assert_one_line_error(invoke(deploy, "--torch", *FAST), "'deploy'-form model")
 
 
 def test_fixed_batch_onnx_only_runs_its_batch(runs):
-    from rsd_deploy import fuse_model
-    from rsd_deploy.onnx import export_onnx
-    from rsd_deploy.run import load_run
-
-    run_dir = make_run(runs, "resnet20", seed=7, dirname="fixed")
-    model, _ = load_run(run_dir)
-    export_onnx(fuse_model(model), run_dir / "deploy" / "model.onnx", input_shape=(3, 32, 32), batch=4)
+    run_dir = untrained_run(runs, "resnet20", seed=7, dirname="fixed", export=False)
+    fuse_export(run_dir, ExportOptions(onnx=True, batch=4, samples=8))
     assert_one_line_error(invoke(run_dir, "--ort", "--batch-sizes", "1,4", *FAST), "for batch 4 only")
 
 
@@ -262,12 +253,9 @@ def test_ort_cuda_end_to_end(rsd_run, tmp_path):
 @requires_tensorrt
 @pytest.mark.tensorrt
 def test_trt_end_to_end(runs, tmp_path):
-    from rsd_deploy.backends.trt import build_engine
-
     profile = {"min_batch": 1, "opt_batch": 4, "max_batch": 4, "precision": "fp32"}
-    run_dir = make_run(runs, "resnet20", seed=8, tensorrt=profile, dirname="trt")
-    build_engine(run_dir / "deploy" / "model.onnx", run_dir / "deploy" / "model.engine",
-                 input_shape=(3, 32, 32), min_batch=1, opt_batch=4, max_batch=4)
+    run_dir = untrained_run(runs, "resnet20", seed=8, export=False, dirname="trt")
+    fuse_export(run_dir, ExportOptions(trt=True, max_batch=4, samples=8))
     report = _gpu_report(run_dir, "trt", tmp_path / "trt")
     assert report["tensorrt_profile"] == profile
     assert "model.engine" in report["models"]["fused"]["description"]
@@ -288,7 +276,7 @@ def test_trt_orchestration_builds_the_others_with_the_fused_engines_settings(
     import types
 
     profile = {"min_batch": 1, "opt_batch": 8, "max_batch": 16, "precision": "fp16"}
-    run_dir = make_run(runs, "resnet20", seed=9, tensorrt=profile, dirname=f"fake-trt-{status}")
+    run_dir = untrained_run(runs, "resnet20", seed=9, tensorrt=profile, dirname=f"fake-trt-{status}")
     (run_dir / "deploy" / "model.engine").write_bytes(b"engine")
     built = []
 

@@ -13,8 +13,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import HAS_CUDA, HAS_TENSORRT
-from helpers_runs import make_run
+from helpers import HAS_CUDA, HAS_TENSORRT, trained_run
 from safetensors.torch import load_file, save_file
 
 from rsd_deploy import models
@@ -32,7 +31,7 @@ PROFILES = ROOT / "export"
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cifar_mini):
-    """Short training-run directories (see helpers_runs.make_run), made once per module."""
+    """Short training-run directories (see helpers.trained_run), made once per module."""
     base = tmp_path_factory.mktemp("runs")
     made = {}
     # resnet20 also gets a linear probe so that it predicts varied classes: its top-1
@@ -40,7 +39,7 @@ def runs(tmp_path_factory, cifar_mini):
     for name, steps, batch, probe in (("resnet20", 2, 32, 256), ("densenet40_12", 1, 16, 0),
                                       ("vgg16", 1, 8, 0)):
         made[name] = base / name
-        make_run(made[name], name, cifar_mini, steps=steps, batch_size=batch, probe=probe)
+        trained_run(made[name], name, cifar_mini, steps=steps, batch_size=batch, probe=probe)
     return made
 
 
@@ -166,8 +165,8 @@ def test_audit_matches_plain_architecture(runs, tmp_path, name, convs, adds, ext
     assert checks["pytorch fused vs unfused"]["top1_agreement"] == 1.0
     assert checks["onnxruntime vs pytorch fused, batch 16"]["passed"]
     # ONNX Runtime reproduces the run's unfused PyTorch model on real images.
-    unfused, meta = load_run(runs[name])
-    x = torch.stack([eval_dataset(DataInfo.from_json(meta["data"]))[i][0] for i in range(0, 2000, 125)])
+    unfused, info = load_run(runs[name])
+    x = torch.stack([eval_dataset(info.data)[i][0] for i in range(0, 2000, 125)])
     got = logits(get_backend("ort").load(tmp_path / "d" / "model.onnx"), x)
     ref = torch_logits(unfused, x).numpy()
     assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max() + 1e-4
@@ -408,7 +407,7 @@ def test_failed_check_leaves_no_artifact(runs, tmp_path):
 @pytest.mark.parametrize(
     "profile, message",
     [
-        ({"onnx": True, "bogus": 1}, "unknown key(s) bogus"),
+        ({"onnx": True, "bogus": 1}, "unknown key 'bogus'"),
         ({"onnx": "yes"}, "onnx must be true/false"),
         ({"batch": "big"}, "must be 'dynamic' or a positive integer"),
         ({"opset": 12.5}, "opset must be an integer"),

@@ -11,13 +11,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import HAS_CUDA, HAS_TENSORRT, requires_tensorrt
+from helpers import HAS_CUDA, HAS_TENSORRT, requires_tensorrt
 
 from rsd_deploy import RSDError, fuse_model, models
 from rsd_deploy.export import ExportOptions, fuse_export
 from rsd_deploy.backends import get_backend
 from rsd_deploy.onnx import export_onnx
-from rsd_deploy.run import save_run
+from rsd_deploy.run import ModelSource, RunInfo, save_run
 from rsd_deploy.verify import logits
 
 
@@ -88,9 +88,9 @@ def test_engine_matches_onnxruntime(fused_onnx, tmp_path, precision, atol, rtol)
 def test_fuse_export_with_engine(tmp_path):
     torch.manual_seed(0)
     model = models.create("resnet20", num_classes=10, form="rsd").eval()
-    meta = {"model": "resnet20", "form": "rsd", "method": "rsd", "num_classes": 10,
-            "in_channels": 3, "input_size": [32, 32]}
-    save_run(tmp_path / "run", model, meta)
+    info = RunInfo(model=ModelSource("resnet20"), form="rsd", method="rsd", num_classes=10,
+                   in_channels=3, input_size=[32, 32])
+    save_run(tmp_path / "run", model, info)
     report = fuse_export(tmp_path / "run", ExportOptions(trt=True, max_batch=8, samples=8))
     out = tmp_path / "run" / "deploy"
     assert report["tensorrt"]["status"] == "built"

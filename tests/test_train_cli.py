@@ -109,11 +109,21 @@ def test_train_prints_run_and_next_command(tmp_path):
     (["--loss-terms", "ce_student,bogus"], ["unknown loss term"]),
     (["--lr-milestones", "5,3"], ["--lr-milestones"]),
     (["--resume"], ["--resume needs --out"]),
-    (["--amp", "--device", "cpu"], ["--amp needs a CUDA device"]),
 ])
 def test_bad_options_are_one_line_errors(args, needles, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default --out is runs/<name>-<time> under the working directory
     _one_line_error(_run("train", *args), *needles)
+    assert not list(tmp_path.glob("runs/*")), "a failed run left its directory behind"
+
+
+def test_amp_on_a_cpu_without_bfloat16_is_a_one_line_error(tmp_path, monkeypatch):
+    """--amp on the CPU trains in bfloat16 where the CPU has bfloat16 instructions (it was
+    refused everywhere, "--amp needs a CUDA device"); on any other CPU it is one line."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    _one_line_error(_run("train", "--amp", "--device", "cpu"), "bfloat16 instructions")
     assert not list(tmp_path.glob("runs/*")), "a failed run left its directory behind"
 
 

@@ -151,10 +151,10 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
         train(_config(method="baseline"), out, quiet=True, on_epoch_end=poison)
     assert "\n" not in str(err.value)
     assert {p.name: _sha(p) for p in out.iterdir()} == saved  # nothing rewritten
-    model, meta = load_run(out)
-    assert meta["form"] == "plain" and meta["method"] == "baseline"
+    model, info = load_run(out)
+    assert info.form == "plain" and info.method == "baseline"
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
-    assert set(meta["metrics"]["terms"]) == {"ce"}
+    assert set(info.metrics["terms"]) == {"ce"}
     assert checkpoint.read_progress(out) == (1, 4)
 
 
@@ -279,12 +279,12 @@ def test_an_epoch_is_written_as_one_step(rsd_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(rsd_run, run)
     before = _files(run)
-    model, meta = load_run(run)
+    model, info = load_run(run)
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     with torch.no_grad():
         model.head[-1].bias.add_(1.0)  # a later epoch's weights
     commit = dict(epoch=3, step=12, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scaler=None,
-                  config=meta["config"], history=history + [dict(history[-1], epoch=3)])
+                  config=info.config, history=history + [dict(history[-1], epoch=3)])
 
     def broken_plot(history, path):
         Path(path).write_bytes(b"half a png")
@@ -292,11 +292,11 @@ def test_an_epoch_is_written_as_one_step(rsd_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "plot_curves", broken_plot)
     with pytest.raises(RuntimeError, match="plot failed"):
-        loop._write_epoch(run, model=model, meta=dict(meta, metrics={}), history=commit["history"],
+        loop._write_epoch(run, model=model, info=info.replace(metrics={}), history=commit["history"],
                           state=commit)
     assert _files(run) == before  # no temporary file left either
     monkeypatch.undo()
-    loop._write_epoch(run, model=model, meta=meta, history=commit["history"], state=commit)
+    loop._write_epoch(run, model=model, info=info, history=commit["history"], state=commit)
     assert checkpoint.read_progress(run) == (3, 12)
     assert torch.equal(load_tensors(run / "model.safetensors")[f"head.{len(model.head) - 1}.bias"], model.head[-1].bias)
 

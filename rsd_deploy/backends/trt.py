@@ -13,11 +13,12 @@ Runners work on torch's current CUDA stream, so CUDA events time them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +27,9 @@ from ..io import atomic_path
 from ..onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 from ..verify import Tolerance
 from .base import Array, ArtifactSpec, Availability, as_tensor, check_device, check_precision, file_artifact
+
+if TYPE_CHECKING:
+    from ..run import TensorRTProfile
 
 NAME = "trt"
 LABEL = "TensorRT"
@@ -62,7 +66,7 @@ def available(device: str = "cuda") -> Availability:
     return Availability()
 
 
-def deployed_profile(deploy_dir: Path, batch_sizes: Sequence[int]) -> dict[str, Any]:
+def deployed_profile(deploy_dir: Path, batch_sizes: Sequence[int]) -> TensorRTProfile:
     """The engine profile recorded in the deploy ``run.json``, checked against ``batch_sizes``.
 
     Needs no TensorRT, so a batch size the engine cannot run is refused up front.
@@ -71,12 +75,11 @@ def deployed_profile(deploy_dir: Path, batch_sizes: Sequence[int]) -> dict[str, 
 
     file_artifact(deploy_dir / FILE, "TensorRT engine",
                   "build one with `rsd-deploy fuse-export RUN_DIR --onnx --trt`")
-    meta = runs.read_run(deploy_dir)
-    profile = meta.get("tensorrt")
-    keys = ("min_batch", "opt_batch", "max_batch", "precision")
-    if not isinstance(profile, dict) or any(k not in profile for k in keys):
-        raise RSDError(f"{deploy_dir / runs.RUN_FILE} has no complete 'tensorrt' profile ({', '.join(keys)})")
-    lo, hi = int(profile["min_batch"]), int(profile["max_batch"])
+    profile = runs.read_run(deploy_dir).tensorrt
+    if profile is None:
+        keys = ", ".join(f.name for f in dataclasses.fields(runs.TensorRTProfile))
+        raise RSDError(f"{deploy_dir / runs.RUN_FILE} has no complete 'tensorrt' profile ({keys})")
+    lo, hi = profile.min_batch, profile.max_batch
     outside = [b for b in batch_sizes if not lo <= b <= hi]
     if outside:
         raise RSDError(
@@ -84,8 +87,8 @@ def deployed_profile(deploy_dir: Path, batch_sizes: Sequence[int]) -> dict[str, 
             f"rebuild with `rsd-deploy fuse-export RUN_DIR --onnx --trt --max-batch {outside[-1]}` "
             f"or pass --batch-sizes within {lo}-{hi}"
         )
-    if profile["precision"] not in TOLERANCES:
-        raise RSDError(f"unknown TensorRT precision {profile['precision']!r} in {deploy_dir / runs.RUN_FILE}")
+    if profile.precision not in TOLERANCES:
+        raise RSDError(f"unknown TensorRT precision {profile.precision!r} in {deploy_dir / runs.RUN_FILE}")
     return profile
 
 
@@ -96,8 +99,8 @@ def deployed(deploy_dir: Path, input_shape: tuple[int, int, int], batch_sizes: S
     profile = deployed_profile(deploy_dir, batch_sizes)
     onnx_path = deploy_dir / onnxrt.FILE
     opset = onnxrt.onnx_settings(onnx_path, input_shape)[0] if onnx_path.is_file() else DEFAULT_OPSET
-    return ArtifactSpec(tuple(input_shape), precision=str(profile["precision"]), opset=opset,
-                        profile=tuple(int(profile[k]) for k in ("min_batch", "opt_batch", "max_batch")))
+    return ArtifactSpec(tuple(input_shape), precision=profile.precision, opset=opset,
+                        profile=(profile.min_batch, profile.opt_batch, profile.max_batch))
 
 
 def make(source: Path, folder: Path, name: str, spec: ArtifactSpec) -> Path:

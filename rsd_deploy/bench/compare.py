@@ -33,6 +33,7 @@ from .report import ROLES, available_cores, machine_info, write_report
 from .runner import Budget, measure
 
 DEPLOY_DIR = "deploy"
+DEFAULT_BATCH_SIZES = (1, 64)
 BENCH_DIR = "bench"
 Progress = Callable[[str], None]
 
@@ -68,38 +69,39 @@ def _check_device(backend: ModuleType, device: str | None) -> str:
 
 
 def _read_training_run(run_dir: Path) -> dict[str, Any]:
-    meta = runs.read_run(run_dir)
-    if meta["form"] != "rsd":
+    info = runs.read_run(run_dir)
+    if info.form != "rsd":
         raise RSDError(
-            f"{run_dir} holds a {meta['form']!r}-form model; bench compares an RSD training run "
+            f"{run_dir} holds a {info.form!r}-form model; bench compares an RSD training run "
             "(form 'rsd') against its fused form and a plain baseline"
         )
-    return meta
+    return info
 
 
 # The three models ---------------------------------------------------------------------------
 
-def _baseline(meta: dict[str, Any], baseline_dir: Path | None) -> Subject:
+def _baseline(info: runs.RunInfo, baseline_dir: Path | None) -> Subject:
     if baseline_dir is None:
-        module = fuse_model(runs.build_model(meta, form="plain").eval())
-        return Subject("baseline", f"plain {meta['model']}, BatchNorm folded (random weights: "
+        module = fuse_model(info.build_model(form="plain").eval())
+        return Subject("baseline", f"plain {info.model}, BatchNorm folded (random weights: "
                        "latency does not depend on them)", module)
-    model, bmeta = runs.load_run(baseline_dir)
+    model, binfo = runs.load_run(baseline_dir)
+    ours, theirs = info.to_json(), binfo.to_json()
     for key in ("model", "num_classes", "in_channels", "input_size"):
-        if bmeta[key] != meta[key]:
-            raise RSDError(f"baseline run {baseline_dir} has {key} {bmeta[key]!r}, the RSD run has {meta[key]!r}")
-    if bmeta["form"] == "rsd":
+        if theirs[key] != ours[key]:
+            raise RSDError(f"baseline run {baseline_dir} has {key} {theirs[key]!r}, the RSD run has {ours[key]!r}")
+    if binfo.form == "rsd":
         raise RSDError(f"baseline run {baseline_dir} is an RSD run; give a plain (baseline-trained) run")
-    module = fuse_model(model) if bmeta["form"] == "plain" else model
-    return Subject("baseline", f"baseline run {baseline_dir} ({bmeta['form']} form, BatchNorm folded)", module)
+    module = fuse_model(model) if binfo.form == "plain" else model
+    return Subject("baseline", f"baseline run {baseline_dir} ({binfo.form} form, BatchNorm folded)", module)
 
 
-def _subjects(run_dir: Path, meta: dict[str, Any], baseline_dir: Path | None) -> dict[str, Subject]:
+def _subjects(run_dir: Path, info: runs.RunInfo, baseline_dir: Path | None) -> dict[str, Subject]:
     unfused, _ = runs.load_run(run_dir)
     return {
         "unfused": Subject("unfused", f"RSD training form of {run_dir} (multi-branch, eval mode)", unfused),
         "fused": Subject("fused", f"{run_dir} fused in-process with rsd_deploy.fuse_model", fuse_model(unfused)),
-        "baseline": _baseline(meta, baseline_dir),
+        "baseline": _baseline(info, baseline_dir),
     }
 
 
@@ -148,7 +150,8 @@ def bench_run(
     *,
     device: str | None = None,
     baseline: str | os.PathLike | None = None,
-    batch_sizes: str | Sequence[int] = (1, 64),
+    deploy: str | os.PathLike | None = None,
+    batch_sizes: str | Sequence[int] = DEFAULT_BATCH_SIZES,
     budget: Budget | None = None,
     threads: int | None = None,
     out: str | os.PathLike | None = None,
@@ -158,7 +161,9 @@ def bench_run(
 
     ``backend``: "torch", "ort" or "trt"; ``device``: "cpu" or "cuda" (default: cuda
     for TensorRT, else cpu). ``threads``: CPU intra-op threads (default: every core
-    this process may use). The report goes to ``out`` (default ``RUN_DIR/bench``);
+    this process may use). ``deploy``: the fuse-export folder of the run (default
+    ``RUN_DIR/deploy``) whose artifact a backend with a deploy file times; it must have
+    been made from the run's current weights. The report goes to ``out`` (default ``RUN_DIR/bench``);
     the returned dict is ``bench.json``'s content plus ``"files"``, the paths written.
     """
     run_dir = Path(run_dir)
@@ -169,19 +174,22 @@ def bench_run(
     if threads is not None and threads < 1:
         raise RSDError(f"--threads must be positive (got {threads})")
     threads = threads or available_cores()
-    meta = _read_training_run(run_dir)
-    deploy_dir = run_dir / DEPLOY_DIR
-    input_shape = (int(meta["in_channels"]), *map(int, meta["input_size"]))
+    info = _read_training_run(run_dir)
+    deploy_dir = Path(deploy) if deploy is not None else run_dir / DEPLOY_DIR
+    input_shape = info.input_shape
 
     # Check everything a user can get wrong before the slow work starts: the deploy
-    # artifact (needs no backend library), then the backend itself (says how to get it).
+    # artifact (needs no backend library) and that it was made from the run's current
+    # weights, then the backend itself (says how to get it).
     spec = be.deployed(deploy_dir, input_shape, sizes)
+    if be.FILE is not None:
+        runs.check_made_from(deploy_dir, run_dir)
     be.available(device).require()
     baseline_dir = Path(baseline) if baseline is not None else None
 
     say = progress or (lambda _msg: None)
-    say(f"loading {run_dir} ({meta['model']}) and building the three models")
-    subjects = _subjects(run_dir, meta, baseline_dir)
+    say(f"loading {run_dir} ({info.model}) and building the three models")
+    subjects = _subjects(run_dir, info, baseline_dir)
     model_info = {
         r: {"description": s.description, "params": count_params(s.module),
             "macs_per_image": count_macs(s.module, input_shape)}
@@ -215,10 +223,11 @@ def bench_run(
     result = {
         "schema": "rsd-deploy/bench/1",
         "run_dir": str(run_dir),
-        "model": meta["model"],
-        "input_size": list(meta["input_size"]),
-        "in_channels": int(meta["in_channels"]),
-        "num_classes": int(meta["num_classes"]),
+        "model": str(info.model),
+        "deploy_dir": str(deploy_dir) if be.FILE is not None else None,
+        "input_size": info.input_size,
+        "in_channels": info.in_channels,
+        "num_classes": info.num_classes,
         "backend": backend,
         "device": device,
         "threads": threads,

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from .. import models
 from ..data import DATASETS
 from ..errors import RSDError
+from ..schema import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Rule, check_values, from_mapping
 from .rsd import LOSS_TERMS, RSDObjective
 
 METHODS = ("rsd", "baseline")
@@ -81,7 +81,7 @@ class TrainConfig:
         _choice("data", self.data, DATASETS)
         _choice("device", self.device, DEVICES)
         _choice("schedule", self.schedule, SCHEDULES)
-        _check_numbers(self)
+        check_values(self, _RANGES, lambda name: f"--{_flag(name)}")
         if self.alpha == 0 and self.beta == 0:
             raise RSDError("--alpha and --beta cannot both be 0 (the loss would be 0)")
         if self.input_size is not None:
@@ -137,49 +137,19 @@ class TrainConfig:
 
     def update(self, values: dict[str, Any], source: str = "configuration") -> "TrainConfig":
         """A copy with ``values`` (keys may use dashes) applied and type-checked."""
-        fields = {f.name: f for f in dataclasses.fields(self)}
-        defaults, new = type(self)(), dataclasses.replace(self)
-        for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in fields:
-                raise RSDError(f"{source}: unknown key {key!r} (known: {', '.join(fields)})")
-            setattr(new, name, _coerce(name, value, getattr(defaults, name), source))
-        return new
+        return from_mapping(type(self), values, source, base=self)
 
 
 #: Range of each numeric option: a test and the words for it. A field not listed here
-#: still gets the checks every number gets (see :func:`_check_numbers`).
-_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
-_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-_POSITIVE = (lambda v: v > 0, "positive")
-_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "epochs": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "eval_batch_size": _AT_LEAST_1,
-    "input_size": _AT_LEAST_1, "train_samples": _AT_LEAST_1, "val_samples": _AT_LEAST_1,
-    "max_steps": _AT_LEAST_1, "workers": _NON_NEGATIVE, "seed": _NON_NEGATIVE,
-    "lr": _POSITIVE, "lr_gamma": _POSITIVE, "momentum": _FRACTION, "weight_decay": _NON_NEGATIVE,
-    "drop_rate": _FRACTION, "alpha": _NON_NEGATIVE, "beta": _NON_NEGATIVE, "temperature": _POSITIVE,
-    "warmup_epochs": _NON_NEGATIVE, "clip_grad_norm": _POSITIVE, "precise_bn": _NON_NEGATIVE,
+#: still gets the checks every number gets (see :func:`rsd_deploy.schema.check_values`).
+_RANGES: dict[str, Rule] = {
+    "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "eval_batch_size": AT_LEAST_1,
+    "input_size": AT_LEAST_1, "train_samples": AT_LEAST_1, "val_samples": AT_LEAST_1,
+    "max_steps": AT_LEAST_1, "workers": NON_NEGATIVE, "seed": NON_NEGATIVE,
+    "lr": POSITIVE, "lr_gamma": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE,
+    "drop_rate": FRACTION, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "temperature": POSITIVE,
+    "warmup_epochs": NON_NEGATIVE, "clip_grad_norm": POSITIVE, "precise_bn": NON_NEGATIVE,
 }
-_INT_MAX = 2**63 - 1  #: every integer must fit in int64 (seeds, sizes and counts end up in torch)
-
-
-def _check_numbers(config: TrainConfig) -> None:
-    """Every float finite, every integer within int64, every listed field in its range.
-
-    NaN fails every comparison, so a range test alone (``x <= 0``) would let it through:
-    non-finite values are refused first, for every float field, recipe or command line.
-    """
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise RSDError(f"--{_flag(f.name)} must be a finite number (got {v})")
-            if isinstance(v, int) and not isinstance(v, bool) and not -_INT_MAX <= v <= _INT_MAX:
-                raise RSDError(f"--{_flag(f.name)} must fit in 64 bits, |value| < 2**63 (got {v})")
-        test, words = _RANGES.get(f.name, (None, ""))
-        if test is not None and value is not None and not test(value):
-            raise RSDError(f"--{_flag(f.name)} must be {words} (got {value})")
 
 
 def _check_input_size(model: str, size: int) -> None:
@@ -204,43 +174,6 @@ def _check_input_size(model: str, size: int) -> None:
         largest = models.get_spec(model).input_size
         smallest = next((s for s in range(size + 1, largest) if fits(s)), largest)
         raise RSDError(f"--input-size {size} is too small for {model} (it needs at least {smallest})")
-
-
-_OPTIONAL_INT = {"input_size", "train_samples", "val_samples", "max_steps"}
-_OPTIONAL_FLOAT = {"clip_grad_norm"}
-_OPTIONAL_STR = {"data_dir"}
-
-
-def _coerce(name: str, value: Any, default: Any, source: str) -> Any:
-    bad = RSDError(f"{source}: {name} = {value!r} has the wrong type")
-    if value is None:
-        if name in _OPTIONAL_INT or name in _OPTIONAL_FLOAT or name in _OPTIONAL_STR:
-            return None
-        raise bad
-    if name in _OPTIONAL_INT or isinstance(default, int) and not isinstance(default, bool):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if name in _OPTIONAL_FLOAT or isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if name in _OPTIONAL_STR or isinstance(default, str):
-        if not isinstance(value, str):
-            raise bad
-        return value
-    if isinstance(default, list):
-        if not isinstance(value, (list, tuple)):
-            raise bad
-        kind = int if name == "lr_milestones" else str
-        if not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
-            raise bad
-        return list(value)
-    raise bad  # pragma: no cover - every field is handled above
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import DataInfo, eval_dataset
+from ..data import eval_dataset
 from ..errors import RSDError
 from ..run import load_run
 from .distributed import resolve_device
@@ -72,12 +73,10 @@ def evaluate_run(run_dir: str | os.PathLike, *, data_dir: str | None = None, bat
         raise RSDError(f"--batch-size must be at least 1 (got {batch_size})")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise RSDError(f"--workers must be >= 0 (got {workers})")
-    model, meta = load_run(run_dir)
-    if meta.get("data") is None:
+    model, run = load_run(run_dir)
+    if run.data is None:
         raise RSDError(f"{run_dir}/run.json records no data set; cannot evaluate it")
-    info = DataInfo.from_json(meta["data"])  # checked by load_run
-    if data_dir is not None:
-        info.dir = str(data_dir)
+    info = run.data if data_dir is None else dataclasses.replace(run.data, dir=str(data_dir))
     ds = eval_dataset(info)
     dev = resolve_device(device)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers)

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .. import __version__, models
 from ..data import DataInfo, load_datasets
 from ..errors import RSDError
-from ..io import DirLock, atomic_path, atomic_paths, json_text, remove_stale_temps, write_tensors
-from ..run import RUN_FILE, WEIGHTS_FILE
+from ..io import DirLock, atomic_path, atomic_paths, remove_stale_temps, sha256_file, write_tensors
+from ..run import RUN_FILE, WEIGHTS_FILE, ModelSource, Normalization, RunInfo
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .evaluation import amp_dtype, autocast, evaluate
@@ -156,7 +156,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> list[str]:
     return remove_stale_temps(run_dir, RUN_FILES)
 
 
-def _write_epoch(run_dir: Path, *, model: nn.Module, meta: dict[str, Any],
+def _write_epoch(run_dir: Path, *, model: nn.Module, info: RunInfo,
                  history: list[dict[str, Any]], state: dict[str, Any] | None) -> None:
     """Write an epoch's files as one step, the resume state (``state``, when given) last.
 
@@ -169,7 +169,8 @@ def _write_epoch(run_dir: Path, *, model: nn.Module, meta: dict[str, Any],
     with atomic_paths([run_dir / name for name in names]) as tmps:
         files = dict(zip(names, tmps))
         write_tensors(files[WEIGHTS_FILE], model.state_dict())
-        files[RUN_FILE].write_text(json_text(meta))
+        info.weights_sha256 = sha256_file(files[WEIGHTS_FILE])
+        files[RUN_FILE].write_text(info.text())
         files[METRICS_FILE].write_text("".join(json.dumps(h) + "\n" for h in history))
         plot_curves(history, files[CURVES_FILE])
         if state:
@@ -308,7 +309,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
 
     val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size, shuffle=False,
                             num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
-    meta = _run_meta(config, info, form, ctx)
+    run_info = _run_info(config, info, form, ctx)
     effective = config.batch_size * ctx.world_size
     say(f"training {config.model} ({config.method}, {form} form) on {info.name}: "
         f"{len(train_ds)} images, {steps_per_epoch} steps/epoch, effective batch {effective} "
@@ -343,10 +344,10 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
             val = evaluate(model, val_loader, ctx.device, amp=config.amp)
             record.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"])
             history.append(record)
-            meta["metrics"] = dict(record, epochs_completed=epoch + 1 if complete else epoch)
+            run_info.metrics = dict(record, epochs_completed=epoch + 1 if complete else epoch)
             commit = dict(epoch=epoch + 1, step=global_step, optimizer=optimizer, scaler=scaler,
                           config=config.to_json(), history=history) if complete else None
-            _write_epoch(run_dir, model=model, meta=meta, history=history, state=commit)
+            _write_epoch(run_dir, model=model, info=run_info, history=history, state=commit)
             say(_summary(record, config.epochs))
         distributed.barrier(ctx)
         if on_epoch_end is not None:
@@ -367,17 +368,17 @@ def _kept(run_dir: Path, epoch: int) -> str:
     return f"the run directory still holds epoch {epoch}, intact in {run_dir}" if epoch else "nothing was saved"
 
 
-def _run_meta(config: TrainConfig, info: DataInfo, form: str, ctx: distributed.Context) -> dict[str, Any]:
-    return {
-        "model": config.model, "form": form, "method": config.method,
-        "num_classes": info.num_classes, "in_channels": info.in_channels,
-        "input_size": list(info.input_size), "classes": list(info.classes),
-        "normalization": {"mean": list(info.mean), "std": list(info.std)},
-        "data": info.to_json(), "config": config.to_json(),
-        "training": {"world_size": ctx.world_size, "effective_batch_size": config.batch_size * ctx.world_size,
-                     "device": ctx.device.type},
-        "versions": _versions(), "metrics": {},
-    }
+def _run_info(config: TrainConfig, info: DataInfo, form: str, ctx: distributed.Context) -> RunInfo:
+    return RunInfo(
+        model=ModelSource.from_json(config.model), form=form, method=config.method,
+        num_classes=info.num_classes, in_channels=info.in_channels,
+        input_size=list(info.input_size), classes=list(info.classes),
+        normalization=Normalization(list(info.mean), list(info.std)),
+        data=info, config=config.to_json(),
+        training={"world_size": ctx.world_size, "effective_batch_size": config.batch_size * ctx.world_size,
+                  "device": ctx.device.type},
+        versions=_versions(),
+    )
 
 
 def _summary(record: dict[str, Any], epochs: int) -> str:
