@@ -184,6 +184,14 @@ def _rounded(v: Any) -> Any:
     return v
 
 
+def compact(run: dict[str, Any], every: int = 5, first: int = 20) -> dict[str, Any]:
+    """``run`` with its series kept at steps 1..``first`` and every ``every``-th step after
+    (the recorded JSON stays small; the summary is computed from every step before this)."""
+    n = len(run["series"]["step"])
+    keep = [i for i in range(n) if i < first or (i + 1) % every == 0]
+    return {**run, "series": {k: [v[i] for i in keep] for k, v in run["series"].items()}}
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -210,9 +218,9 @@ def write_markdown(runs: list[dict[str, Any]], path: Path, at_steps: list[int]) 
             s = r["series"]
             last_stage = list(s["bn_weight_rms"][0])[-2]
             for k in at_steps:
-                if k > len(s["step"]):
+                if k not in s["step"]:
                     continue
-                j = k - 1
+                j = s["step"].index(k)
                 lines.append(
                     f"| {r['label']} | {k} | {_fmt(s['loss'][j])} | {_fmt(s['logit_absmax'][j])} | "
                     f"{_fmt(s['grad_norm_total'][j])} | {_fmt(s['grad_norm'][j]['head'])} | "
@@ -242,7 +250,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     datas = list(dict.fromkeys(r["data"] for r in runs))
-    fig, axes = plt.subplots(len(datas), 3, figsize=(15, 4 * len(datas)), squeeze=False)
+    fig, axes = plt.subplots(len(datas), 3, figsize=(13, 3.4 * len(datas)), squeeze=False)
     for row, data in enumerate(datas):
         for r in (r for r in runs if r["data"] == data):
             s = r["series"]
@@ -256,7 +264,13 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         axes[row, 2].set_yscale("log")
         axes[row, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=60)
+
+
+def write_report(runs: list[dict[str, Any]], out: Path) -> None:
+    at_steps = [k for k in (1, 2, 3, 4, 5, 10, 20, 50, 100, 200) if k in runs[0]["series"]["step"]]
+    write_markdown(runs, out / "stability_table.md", at_steps)
+    plot(runs, out / "stability.png")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -268,7 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true", help="keep the settings already in OUT/partial.json")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild the table and the figure from OUT/stability.json")
     args = ap.parse_args(argv)
+    if args.report_only:
+        runs = json.loads((args.out / "stability.json").read_text())
+        write_report(runs, args.out)
+        return
     wanted = None if args.settings is None else set(args.settings.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "partial.json"
@@ -287,9 +307,9 @@ def main(argv: list[str] | None = None) -> None:
         base = next((b for b in runs if b["data"] == r["data"] and b["method"] == "baseline"
                      and b["overrides"].get("lr") == r["overrides"].get("lr")), None)
         r["summary"] = summarize(r, base)
+    runs = [compact(r) for r in runs]
     (args.out / "stability.json").write_text(json.dumps(_rounded(runs), separators=(",", ":")))
-    write_markdown(runs, args.out / "stability_table.md", [1, 2, 3, 4, 5, 10, 20, 50, 100, 200])
-    plot(runs, args.out / "stability.png")
+    write_report(runs, args.out)
     partial.unlink()
     print(f"wrote {args.out}/stability.json, stability_table.md, stability.png")
 
