@@ -56,8 +56,7 @@ from rsd_deploy.data import load_datasets
 from rsd_deploy.errors import RSDError
 from rsd_deploy.io import atomic_path, read_json, write_json
 from rsd_deploy.run import RUN_FILE
-from rsd_deploy.training import TrainConfig, load_recipe, train
-from rsd_deploy.training import checkpoint
+from rsd_deploy.training import TrainConfig, checkpoint, load_recipe, train
 from rsd_deploy.training.distributed import resolve_device
 from rsd_deploy.training.loop import METRICS_FILE, RESUMABLE_CHANGES
 

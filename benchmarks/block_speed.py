@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -40,9 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the per-branch reference lives beside the tests
 
-from reference import to_reference  # noqa: E402
-
 import rsd_deploy  # noqa: E402
+from reference import to_reference  # noqa: E402
 from rsd_deploy import RSDConv, set_branch_drop  # noqa: E402
 from rsd_deploy.branch_norm import _branch_view, _moments  # noqa: E402
 from rsd_deploy.io import atomic_path, write_json  # noqa: E402

@@ -66,6 +66,7 @@ import traceback  # noqa: E402
 import xml.etree.ElementTree as ET  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from itertools import pairwise  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -286,7 +287,7 @@ def epoch_walls(report: dict[str, Any]) -> list[float]:
     ends = report["epoch_ends"]
     if len(ends) < 2:
         return [ends[0] - report["start"]] if ends else []
-    return [b - a for a, b in zip(ends, ends[1:])]
+    return [b - a for a, b in pairwise(ends)]
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.repeats):
         t_plain.append(timed(plain))
         for q in points:
-            t_rsd[q].append(timed(lambda: rsd(q)))
+            t_rsd[q].append(timed(lambda q=q: rsd(q)))
         print(f"  {i + 1}/{args.repeats}: plain {t_plain[-1]:.3f}s  rsd at points "
               + " ".join(f"{t_rsd[q][-1]:.3f}s" for q in points), flush=True)
     med_plain = statistics.median(t_plain)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "all": [round(t, 4) for t in t_rsd[q]]} for q in points}},
         "ratio": round(med_rsd / med_plain, 2), "goal": 6.0,
         "step_gflops": {"plain": round(flops_plain / 1e9, 2),
-                        "rsd_by_mix_point": {str(q): round(f / 1e9, 2) for q, f in zip(points, flops_rsd)},
+                        "rsd_by_mix_point": {str(q): round(f / 1e9, 2) for q, f in zip(points, flops_rsd, strict=True)},
                         "rsd_expected": round(flops_expected / 1e9, 2)},
         "flop_ratio": round(flop_ratio, 2),
         "forward_macs_per_image": {"plain": macs_plain, "rsd_block_maths": macs_rsd,

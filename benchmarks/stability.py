@@ -257,7 +257,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
             axes[row, 0].plot(s["step"], s["logit_absmax"], label=r["label"])
             axes[row, 1].plot(s["step"], [z[-1] for z in s["act_zero"]], label=r["label"])
             axes[row, 2].plot(s["step"], s["loss"], label=r["label"])
-        for ax, title in zip(axes[row], ("max |logit|", "zero fraction, last mix point", "loss")):
+        for ax, title in zip(axes[row], ("max |logit|", "zero fraction, last mix point", "loss"), strict=True):
             ax.set_title(f"{data}: {title}")
             ax.set_xlabel("step")
         axes[row, 0].set_yscale("log")

@@ -18,7 +18,6 @@ from typing import Any
 from . import models
 from .onnx import export_onnx
 
-
 #: Operators whose count depends on weight values rather than on the architecture:
 #: the exporter turns initializers with equal values (e.g. the ones and zeros of a
 #: freshly built per-channel affine) into Identity nodes of one shared tensor.

@@ -299,7 +299,7 @@ class RSDConv(Reparameterizable):
             outputs = [
                 F.batch_norm(y, bn.running_mean[s], bn.running_var[s], bn.weight[s], bn.bias[s],
                              False, 0.0, bn.eps)
-                for y, s in zip(outputs, sections)
+                for y, s in zip(outputs, sections, strict=True)
             ]
         square, vertical, horizontal = outputs
         c = self.out_channels
@@ -326,7 +326,7 @@ class RSDConv(Reparameterizable):
             return sum(outputs[1:], outputs[0])
         keep = mask.to(outputs[0].dtype).view(*mask.shape, *[1] * (outputs[0].dim() - 1)).unbind(1)
         out = outputs[0] * keep[0]
-        for y, k in zip(outputs[1:], keep[1:]):
+        for y, k in zip(outputs[1:], keep[1:], strict=True):
             out = torch.addcmul(out, y, k)
         return out
 

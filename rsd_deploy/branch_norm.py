@@ -40,7 +40,7 @@ def _branch_view(z: Tensor, groups: int, channels: int) -> Tensor:
 
 def _to_channels(per_part: Sequence[Tensor], views: Sequence[Tensor]) -> Tensor:
     """Broadcast one ``(n, g or 1, k or 1, cg or 1)`` tensor per part to ``(n, channels in BN order)``."""
-    return torch.cat([t.expand(*v.shape[:4]).flatten(1) for t, v in zip(per_part, views)], 1)
+    return torch.cat([t.expand(*v.shape[:4]).flatten(1) for t, v in zip(per_part, views, strict=True)], 1)
 
 
 def _branch_columns(keep: Tensor, views: Sequence[Tensor]) -> list[Tensor]:
@@ -51,7 +51,7 @@ def _branch_columns(keep: Tensor, views: Sequence[Tensor]) -> list[Tensor]:
 def _flat(values: Tensor, views: Sequence[Tensor]) -> list[Tensor]:
     """``(n or 1, channels in BN order)`` -> one ``(n or 1, g, k, cg, 1)`` view per part."""
     sizes = [v.shape[1] * v.shape[2] * v.shape[3] for v in views]
-    return [t.view(len(values), *v.shape[1:4], 1) for t, v in zip(values.split(sizes, dim=1), views)]
+    return [t.view(len(values), *v.shape[1:4], 1) for t, v in zip(values.split(sizes, dim=1), views, strict=True)]
 
 
 def _opmath(dtype: torch.dtype) -> torch.dtype:
@@ -103,7 +103,7 @@ class _BranchNormSum(torch.autograd.Function):
         opmath = _opmath(out.dtype)  # half types (autocast): sum in float32, round once
         total = out_view if opmath == out.dtype else torch.empty_like(out_view, dtype=opmath)
         total.copy_(sum(t.sum(2) for t in _flat(shift, views)))
-        for v, f in zip(views, _flat(scale.to(opmath), views)):
+        for v, f in zip(views, _flat(scale.to(opmath), views), strict=True):
             for j in range(v.shape[2]):
                 total.addcmul_(v[:, :, j], f[:, :, j])
         if total is not out_view:
@@ -135,7 +135,7 @@ class _BranchNormSum(torch.autograd.Function):
         q = -a * grad_weight * invstd / size
         r = -a * grad_bias / size - q * mean
         p = keep * a
-        for v, p_i, q_i, r_i in zip(views, *(_flat(t.to(opmath), views) for t in (p, q[None], r[None]))):
+        for v, p_i, q_i, r_i in zip(views, *(_flat(t.to(opmath), views) for t in (p, q[None], r[None])), strict=True):
             if v.dtype == opmath:
                 v.mul_(q_i).add_(r_i).addcmul_(dy, p_i)
             else:  # one rounding to the half type

@@ -295,5 +295,5 @@ def first_batch(ds: Dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` samples of ``ds``, spread over its classes when it is sorted by class."""
     step = max(1, len(ds) // n)
     idx = list(range(0, len(ds), step))[:n]
-    xs, ys = zip(*(ds[i] for i in idx))
+    xs, ys = zip(*(ds[i] for i in idx), strict=True)
     return torch.stack(xs), torch.tensor(ys)

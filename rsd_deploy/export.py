@@ -513,7 +513,7 @@ def format_report(report: Mapping[str, Any]) -> str:
         else:
             rows.append((ch["name"], "", "", "", "ok" if ch["passed"] else "FAIL"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(wd) for cell, wd in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(cell.ljust(wd) for cell, wd in zip(r, widths, strict=True)).rstrip() for r in rows]
     if "audit" in report:
         a = report["audit"]
         rules = a["rules"]

@@ -48,7 +48,7 @@ def atomic_paths(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
         tmps = [stack.enter_context(_temporary(p)) for p in paths]
         yield tmps
         mode = 0o666 & ~_umask()  # mkstemp makes 0600; artifacts get the usual mode
-        for tmp, path in zip(tmps, paths):
+        for tmp, path in zip(tmps, paths, strict=True):
             os.chmod(tmp, mode)
             os.replace(tmp, path)
 

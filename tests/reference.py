@@ -30,7 +30,7 @@ class ReferenceRSDConv(nn.Module):
         self.to(fast.weight_square.dtype)
         with torch.no_grad():
             weights = [*fast.weight_square, fast.weight_vertical, fast.weight_horizontal]
-            for conv, w in zip(self.convs, weights):
+            for conv, w in zip(self.convs, weights, strict=True):
                 conv.weight.copy_(w)
             if bn:
                 per_branch = {
@@ -42,7 +42,7 @@ class ReferenceRSDConv(nn.Module):
                         getattr(ref_bn, name).copy_(value[b])
                     ref_bn.num_batches_tracked.copy_(fast.bn.num_batches_tracked)
             else:
-                for conv, bias in zip(self.convs, fast.bias):
+                for conv, bias in zip(self.convs, fast.bias, strict=True):
                     conv.bias.copy_(bias)
 
     def forward(self, x: Tensor) -> Tensor:

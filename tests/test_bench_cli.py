@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import HAS_CUDA, record_engine, requires_cuda, requires_tensorrt, untrained_run
 
+from helpers import HAS_CUDA, record_engine, requires_cuda, requires_tensorrt, untrained_run
 from rsd_deploy.backends import Availability
 from rsd_deploy.backends import trt as trt_backend
 from rsd_deploy.bench import Budget, bench_run, timing
@@ -86,8 +86,8 @@ def check_report(out: Path, backend: str, batches: list[int], iters: int) -> dic
             ci = entry["median_ci_ms"][role]
             assert ci["lo"] <= s["median_ms"] <= ci["hi"]
         # Ratios are taken round by round (the models ran back to back), then the median.
-        def paired(num, den):
-            return float(np.median([np.median(a) / np.median(b) for a, b in zip(raw[num], raw[den])]))
+        def paired(num, den, raw=raw):
+            return float(np.median([np.median(a) / np.median(b) for a, b in zip(raw[num], raw[den], strict=True)]))
 
         fb, uf = entry["ratios"]["fused/baseline"], entry["ratios"]["unfused/fused"]
         assert fb["value"] == pytest.approx(paired("fused", "baseline"), rel=1e-4)

@@ -8,12 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+from reference import ReferenceRSDConv, fast_param_grads, to_reference
 from rsd_deploy import RSDConv, set_branch_drop
 from rsd_deploy.blocks import ConvBN, conv_block, drop_mask
 from rsd_deploy.branch_norm import branch_norm_sum
 from rsd_deploy.models import create
-
-from reference import ReferenceRSDConv, fast_param_grads, to_reference
 
 CASES = [
     # (cin, cout, k, stride, groups, bn)
@@ -198,7 +197,7 @@ def test_compiled_block_matches_eager():
     y_eager = eager(x)
     y_eager.square().sum().backward()
     torch.testing.assert_close(y, y_eager, rtol=1e-10, atol=1e-10)
-    for (name, p), q in zip(block.named_parameters(), eager.parameters()):
+    for (name, p), q in zip(block.named_parameters(), eager.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=name)
     torch.testing.assert_close(block.bn.running_var, eager.bn.running_var, rtol=1e-10, atol=0)
 
@@ -223,7 +222,7 @@ def test_block_under_bfloat16_autocast_stays_close_to_float32():
         return ((a - b.float()).norm() / a.norm()).item()
 
     assert rel(y, y_low) < 1e-2
-    for (name, p), q in zip(block.named_parameters(), low.parameters()):
+    for (name, p), q in zip(block.named_parameters(), low.parameters(), strict=True):
         assert q.grad.dtype == torch.float32
         assert rel(p.grad, q.grad) < 1e-2, name
     torch.testing.assert_close(low.bn.running_var, block.bn.running_var, rtol=1e-2, atol=1e-3)

@@ -13,15 +13,15 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import HAS_CUDA, HAS_TENSORRT, trained_run
 from safetensors.torch import load_file, save_file
 
+from helpers import HAS_CUDA, HAS_TENSORRT, trained_run
 from rsd_deploy import models
+from rsd_deploy.backends import get_backend
 from rsd_deploy.cli import main
 from rsd_deploy.data import DataInfo, eval_dataset
 from rsd_deploy.errors import RSDError
 from rsd_deploy.export import ExportOptions, fuse_export, sha256_file
-from rsd_deploy.backends import get_backend
 from rsd_deploy.run import load_run
 from rsd_deploy.verify import logits, torch_logits
 

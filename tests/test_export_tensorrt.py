@@ -11,11 +11,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import HAS_CUDA, HAS_TENSORRT, requires_tensorrt
 
+from helpers import HAS_CUDA, HAS_TENSORRT, requires_tensorrt
 from rsd_deploy import RSDError, fuse_model, models
-from rsd_deploy.export import ExportOptions, fuse_export
 from rsd_deploy.backends import get_backend
+from rsd_deploy.export import ExportOptions, fuse_export
 from rsd_deploy.onnx import export_onnx
 from rsd_deploy.run import ModelSource, RunInfo, save_run
 from rsd_deploy.verify import logits

@@ -81,7 +81,7 @@ def test_resnet_structures(name, block, per_stage, out_channels):
 def _vgg_macs(groups: list[list[int]], sides: list[int], num_classes: int) -> int:
     """Hand count: each 3x3 conv's in*out*9 multiply-adds at every pixel of its group."""
     total, cin = 0, 3
-    for widths, side in zip(groups, sides):
+    for widths, side in zip(groups, sides, strict=True):
         for w in widths:
             total += cin * w * 9 * side * side
             cin = w
@@ -109,7 +109,7 @@ def test_vgg_is_the_authors_cifar_layout(name, groups, macs):
     assert plain.num_mix_points == 5 and plain.head[-1].in_features == 512
     feats, _ = plain.eval().forward_features(torch.zeros(1, 3, 32, 32))
     assert [tuple(f.shape[1:]) for f in feats] == [
-        (g[-1], s, s) for g, s in zip(groups, sides)
+        (g[-1], s, s) for g, s in zip(groups, sides, strict=True)
     ]
     # Mix points sit after a ReLU (non-negative features), not after a pool.
     assert all(isinstance(m[-1], nn.ReLU) for m in [plain.stem, *plain.stages])

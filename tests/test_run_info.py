@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import record_engine, untrained_info, untrained_run
 
+from helpers import record_engine, untrained_info, untrained_run
 from rsd_deploy.backends import trt as trt_backend
 from rsd_deploy.bench import Budget, bench_run
 from rsd_deploy.cli import main

@@ -22,8 +22,7 @@ from rsd_deploy.errors import RSDError
 from rsd_deploy.fuse import fuse_model
 from rsd_deploy.io import load_tensors
 from rsd_deploy.run import load_run
-from rsd_deploy.training import TrainConfig, train
-from rsd_deploy.training import checkpoint, loop
+from rsd_deploy.training import TrainConfig, checkpoint, loop, train
 from rsd_deploy.training.evaluation import evaluate_run
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -253,7 +253,7 @@ def test_amp_on_cpu_trains_in_bfloat16_close_to_float32(tmp_path):
         config = _config(amp=amp, epochs=1, max_steps=1, method="rsd", precise_bn=0)
         # Every convolution's output dtype, seen by a global forward hook during the step.
         handle = torch.nn.modules.module.register_module_forward_hook(
-            lambda m, i, o: seen.append(o.dtype) if isinstance(m, nn.Conv2d) and amp else None)
+            lambda m, i, o, amp=amp: seen.append(o.dtype) if isinstance(m, nn.Conv2d) and amp else None)
         try:
             runs[amp] = train(config, out=tmp_path / f"amp{amp}", quiet=True)
         finally:

@@ -10,7 +10,12 @@ import torch
 from rsd_deploy import blocks, models
 from rsd_deploy.blocks import RSDConv, set_branch_drop
 from rsd_deploy.training.rsd import (
-    LOSS_TERMS, CEStep, MixDraw, RSDObjective, RSDStep, feature_mixture,
+    LOSS_TERMS,
+    CEStep,
+    MixDraw,
+    RSDObjective,
+    RSDStep,
+    feature_mixture,
 )
 
 B, C, S = 8, 4, 8  # batch, classes, input side: tiny and fast

@@ -219,7 +219,7 @@ def bench_run(
 
     profile = None
     if spec.profile is not None:
-        profile = dict(zip(("min_batch", "opt_batch", "max_batch"), spec.profile), precision=spec.precision)
+        profile = dict(zip(("min_batch", "opt_batch", "max_batch"), spec.profile, strict=True), precision=spec.precision)
     result = {
         "schema": "rsd-deploy/bench/1",
         "run_dir": str(run_dir),

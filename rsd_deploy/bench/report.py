@@ -175,11 +175,11 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(entries), squeeze=False)[0]
     colors = {"unfused": "#c44e52", "fused": "#4c72b0", "baseline": "#8c8c8c"}
-    for ax, entry in zip(axes, entries):
+    for ax, entry in zip(axes, entries, strict=True):
         med = [entry["models"][r]["median_ms"] for r in ROLES]
         ci = [entry["median_ci_ms"][r] for r in ROLES]
-        err = [[max(0.0, m - c["lo"]) for m, c in zip(med, ci)],
-               [max(0.0, c["hi"] - m) for m, c in zip(med, ci)]]
+        err = [[max(0.0, m - c["lo"]) for m, c in zip(med, ci, strict=True)],
+               [max(0.0, c["hi"] - m) for m, c in zip(med, ci, strict=True)]]
         ax.bar(ROLES, med, yerr=err, capsize=4, color=[colors[r] for r in ROLES])
         uf, fb = entry["ratios"]["unfused/fused"]["value"], entry["ratios"]["fused/baseline"]["value"]
         ax.set_title(f"batch {entry['batch']}\nunfused/fused {uf:.2f}x, fused/base {fb:.3f}", fontsize=9)

@@ -138,7 +138,7 @@ def round_ratios(times: Mapping[str, Rounds], num: str, den: str) -> np.ndarray:
     job, clock changes) scales both medians alike and cancels in their ratio.
     """
     _check_rounds({num: times[num], den: times[den]})
-    return np.array([np.median(a) / np.median(b) for a, b in zip(times[num], times[den])], dtype=np.float64)
+    return np.array([np.median(a) / np.median(b) for a, b in zip(times[num], times[den], strict=True)], dtype=np.float64)
 
 
 def ratio_interval(

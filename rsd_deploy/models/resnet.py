@@ -79,7 +79,7 @@ def _stem(cfg: ResNetConfig, form: Form, in_channels: int) -> nn.Sequential:
 def resnet(cfg: ResNetConfig, *, form: Form, num_classes: int, in_channels: int) -> StagedNet:
     """Build a ResNet from its stage configuration."""
     stages, channels = [], cfg.stem_width
-    for i, (n, planes) in enumerate(zip(cfg.layers, cfg.planes)):
+    for i, (n, planes) in enumerate(zip(cfg.layers, cfg.planes, strict=True)):
         width = planes * cfg.width_per_group // 64
         blocks = []
         for j in range(n):

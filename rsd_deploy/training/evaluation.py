@@ -16,9 +16,6 @@ from ..run import load_run
 from .distributed import resolve_device
 
 
-
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *,
              amp: bool = False) -> dict[str, float]:

@@ -167,7 +167,7 @@ def _write_epoch(run_dir: Path, *, model: nn.Module, info: RunInfo,
     """
     names = [WEIGHTS_FILE, RUN_FILE, METRICS_FILE, CURVES_FILE] + ([checkpoint.STATE_FILE] if state else [])
     with atomic_paths([run_dir / name for name in names]) as tmps:
-        files = dict(zip(names, tmps))
+        files = dict(zip(names, tmps, strict=True))
         write_tensors(files[WEIGHTS_FILE], model.state_dict())
         info.weights_sha256 = sha256_file(files[WEIGHTS_FILE])
         files[RUN_FILE].write_text(info.text())

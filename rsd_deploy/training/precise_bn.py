@@ -48,7 +48,7 @@ def update_bn_stats(model: nn.Module, batches: Iterable[Tensor | tuple], num_bat
             model(x.to(device) if device is not None else x)
             used += 1
     finally:
-        for bn, momentum in zip(norms, momenta):
+        for bn, momentum in zip(norms, momenta, strict=True):
             bn.momentum = momentum
         model.train(was_training)
     return used

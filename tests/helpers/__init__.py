@@ -104,7 +104,7 @@ def _datasets(data_dir: str):
 def fit_head(model: nn.Module, train, n: int, generator: torch.Generator) -> None:
     """Fit ``model.head``'s final linear layer to ``n`` training images (body frozen, eval)."""
     idx = torch.randperm(len(train), generator=generator)[:n].tolist()
-    x, y = zip(*(train[i] for i in idx))
+    x, y = zip(*(train[i] for i in idx), strict=True)
     x, y = torch.stack(x), torch.tensor(y)
     linear = model.head[-1]
     with torch.no_grad():
