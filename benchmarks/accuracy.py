@@ -326,7 +326,7 @@ def execute(config: TrainConfig, path: Path, threads: int, parallel: int,
             f"val top-1 {100 * record.get('val_top1', float('nan')):.2f}%, {record['epoch_time']:.1f} s")
 
     try:
-        train(config, path, resume=resume, quiet=True, on_epoch_end=on_epoch_end)
+        train(config, path, resume=resume, on_epoch_end=on_epoch_end)
         outcome: dict[str, Any] = {"status": "finished", "message": None}
     except RSDError as e:
         kind = failure_kind(str(e))

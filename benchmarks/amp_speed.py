@@ -80,7 +80,7 @@ def train_check(epochs: int) -> list[dict]:
             for amp in (False, True):
                 config = TrainConfig(method=method, amp=amp, epochs=epochs, device="cpu").validate()
                 start = time.perf_counter()
-                run = train(config, Path(tmp) / f"{method}-{amp}", quiet=True)
+                run = train(config, Path(tmp) / f"{method}-{amp}")
                 seconds = time.perf_counter() - start
                 top1 = json.loads((run / "run.json").read_text())["metrics"]["val_top1"]
                 rows.append({"method": method, "precision": "bf16" if amp else "fp32",

@@ -216,7 +216,7 @@ def _train_until(config: dict[str, Any], out: str, deadline: float) -> dict[str,
 
     status = "finished"
     try:
-        train(TrainConfig.from_dict(config), out, quiet=True, on_epoch_end=on_epoch_end)
+        train(TrainConfig.from_dict(config), out, on_epoch_end=on_epoch_end)
     except _Deadline:
         status = "stopped: the next epoch would end past the budget"
     except Exception as e:  # recorded, not raised: the parent reads the report

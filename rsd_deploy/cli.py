@@ -1,11 +1,16 @@
 """The ``rsd-deploy`` command line: a thin layer over the library.
 
 User mistakes surface as :class:`RSDError` and are printed as one line with a
-non-zero exit; anything else is a bug and keeps its traceback.
+non-zero exit, the options it names (```max_batch```) shown as flags (``--max-batch``);
+anything else is a bug and keeps its traceback. The library reports progress through
+:mod:`logging`; the commands show it on stderr (``--quiet``: warnings only) and print
+their results and every command-line hint on stdout.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import click
@@ -14,7 +19,7 @@ from . import __version__
 from .bench.compare import DEFAULT_BATCH_SIZES
 from .bench.runner import DEFAULT_MIN_S, Budget
 from .data import DATASETS
-from .errors import RSDError
+from .errors import OPTION, RSDError
 from .export import DEFAULT_MAX_BATCH, TRT_TOLERANCES, ExportOptions
 from .training.config import DEVICES, METHODS, SCHEDULES, TrainConfig
 
@@ -31,8 +36,44 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except RSDError as e:
-            click.echo(f"error: {e}", err=True)
+            command = self.commands.get(ctx.invoked_subcommand or "")
+            click.echo(f"error: {_as_flags(str(e), command, self)}", err=True)
             sys.exit(1)
+
+
+def _flags(command: click.Command) -> dict[str, str]:
+    """Each option's parameter name -> its long flag (``max_batch`` -> ``--max-batch``)."""
+    return {p.name: next(o for o in p.opts if o.startswith("--")) for p in command.params
+            if isinstance(p, click.Option) and any(o.startswith("--") for o in p.opts)}
+
+
+def _as_flags(message: str, command: click.Command | None, group: click.Group) -> str:
+    """``message`` with the options it names shown as flags: the command's own, else any command's."""
+    known: dict[str, str] = {}
+    for other in group.commands.values():
+        known.update({k: v for k, v in _flags(other).items() if k not in known})
+    if command is not None:
+        known.update(_flags(command))
+    known.update({k.removeprefix("use_"): v for k, v in known.items() if k.startswith("use_")})
+    return OPTION.sub(lambda m: known.get(m.group(1), m.group(1)), message)
+
+
+class _EchoHandler(logging.Handler):
+    """Log records to stderr through click (so test runners capture them too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(self.format(record), err=True)
+
+
+def _show_progress(command: str, quiet: bool = False) -> None:
+    """Show the library's log on stderr as ``[command] message``; ``quiet``: warnings only."""
+    logger = logging.getLogger("rsd_deploy")
+    for old in [h for h in logger.handlers if isinstance(h, _EchoHandler)]:
+        logger.removeHandler(old)
+    handler = _EchoHandler()
+    handler.setFormatter(logging.Formatter(f"[{command}] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -98,7 +139,8 @@ def fuse_export_cmd(ctx: click.Context, run_dir: str, profile: str | None, **fla
         given["batch"] = parse_batch(given["batch"])
     base = load_profile(profile) if profile else ExportOptions()
     options = base.with_overrides(given)
-    report = fuse_export(run_dir, options, log=lambda msg: click.echo(f"[fuse-export] {msg}", err=True))
+    _show_progress("fuse-export")
+    report = fuse_export(run_dir, options)
     click.echo(format_report(report))
     trt = report.get("tensorrt")
     if trt and trt["status"] == "unavailable":
@@ -153,13 +195,9 @@ def bench_cmd(run_dir, deploy, device, baseline, batch_sizes, warmup_s, min_s, i
         flags = [f"--{name}" for name in list_backends()]
         raise RSDError(f"choose exactly one backend: {', '.join(flags[:-1])} or {flags[-1]}")
     budget = Budget(warmup_s=warmup_s, min_s=min_s, iters=iters)
-
-    def progress(msg: str) -> None:
-        if not quiet:
-            click.echo(msg, err=True)
-
+    _show_progress("bench", quiet)
     result = bench_run(run_dir, chosen[0], device=device, baseline=baseline, deploy=deploy, batch_sizes=batch_sizes,
-                       budget=budget, threads=threads, out=out, progress=progress)
+                       budget=budget, threads=threads, out=out)
     click.echo(f"{result['model']}: {result['backend']} on {result['device']}, {result['threads']} threads")
     for e in result["results"]:
         m, uf = e["models"], e["ratios"]["unfused/fused"]
@@ -169,7 +207,7 @@ def bench_cmd(run_dir, deploy, device, baseline, batch_sizes, warmup_s, min_s, i
             f"unfused/fused {uf['value']:.2f}x ({uf['lo']:.2f}-{uf['hi']:.2f}); {e['verdict']['text']}"
         )
         for w in e["warnings"]:
-            click.echo(f"warning: batch {e['batch']}: {w}", err=True)
+            click.echo(f"warning: batch {e['batch']}: {_as_flags(w, bench_cmd, main)}", err=True)
     click.echo(f"verdict: {result['verdict']['status']}")
     click.echo(f"report: {result['files']['markdown']}")
 
@@ -269,12 +307,16 @@ def train_cmd(ctx: click.Context, recipe: str | None, out: str | None, resume: b
         if recipe is not None:
             raise RSDError("--config cannot be combined with --resume: the run keeps its configuration")
         if out is None:
-            raise RSDError("--resume needs --out RUN_DIR, the run to continue")
+            raise RSDError("--resume needs --out, the run directory to continue")
         config = resume_config(out, given)
     else:
         base = TrainConfig() if recipe is None else TrainConfig.from_dict(load_recipe(recipe), str(recipe))
         config = base.update(given, "options")
-    train(config, out, resume=resume, quiet=quiet)
+    _show_progress("train", quiet)
+    run_dir = train(config, out, resume=resume, progress_bar=not quiet)
+    if not quiet and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process reports
+        click.echo(f"run: {run_dir}")
+        click.echo(f"next: rsd-deploy fuse-export {run_dir} --onnx")
 
 
 @main.command("eval")

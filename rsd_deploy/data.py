@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import RSDError
+from .errors import RSDError, option
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 
@@ -233,7 +233,7 @@ def load_datasets(
                 _ArrayImages(xva, yva, _transforms(info, False)), info)
 
     if data_dir is None:
-        raise RSDError(f"--data {name} needs --data-dir")
+        raise RSDError(f"{option('data')} {name} needs {option('data_dir')}")
     root = Path(data_dir).expanduser().resolve()
     if name in ("cifar10", "cifar100"):
         from torchvision import datasets
@@ -245,8 +245,8 @@ def load_datasets(
             val = cls(str(root), train=False, download=False)
         except RuntimeError:
             raise RSDError(
-                f"{name} not found under {root}; pass --download to fetch it there, "
-                "or --data-dir pointing to a folder that holds it"
+                f"{name} not found under {root}; set {option('download')} to fetch it there, "
+                f"or {option('data_dir')} to a folder that holds it"
             ) from None
         if in_channels != 3:
             mean, std = _channel_stats(train.data[:5000], in_channels)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -36,7 +37,7 @@ from . import __version__
 from .audit import audit, failure_message, op_histogram, reference_histogram
 from .backends import get_backend
 from .backends.trt import TOLERANCES as TRT_TOLERANCES
-from .errors import RSDError
+from .errors import RSDError, option
 from .fuse import fuse_model
 from .io import DirLock, read_json, save_tensors, sha256_file, write_json
 from .onnx import DEFAULT_OPSET, export_onnx, max_opset
@@ -66,6 +67,8 @@ DEPLOY_DIR = "deploy"
 _OWNED = (WEIGHTS_FILE, RUN_FILE, ONNX_FILE, UNFUSED_ONNX_FILE, ENGINE_FILE, REPORT_FILE)
 
 DEFAULT_MAX_BATCH = 64
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,13 +113,13 @@ class ExportOptions:
             if self.max_batch not in (None, self.batch) or self.opt_batch not in (None, self.batch):
                 raise RSDError(
                     f"a fixed ONNX batch of {self.batch} makes a fixed-batch engine: drop "
-                    "--max-batch/--opt-batch or use --batch dynamic"
+                    f"{option('max_batch')}/{option('opt_batch')} or make {option('batch')} dynamic"
                 )
             return self.batch, self.batch, self.batch
         hi = self.max_batch or DEFAULT_MAX_BATCH
         opt = self.opt_batch or hi
         if not 1 <= opt <= hi:
-            raise RSDError(f"--opt-batch must be between 1 and --max-batch ({hi}); got {opt}")
+            raise RSDError(f"{option('opt_batch')} must be between 1 and {option('max_batch')} ({hi}); got {opt}")
         return 1, opt, hi
 
     def trt_tolerance(self) -> Tolerance:
@@ -133,7 +136,7 @@ class ExportOptions:
                 f"opset {self.opset} cannot be produced by the installed PyTorch exporter "
                 f"(supported: 9 to {max_opset()})"
             )
-        check_values(self, _RANGES, lambda name: f"--{name.replace('_', '-')}")
+        check_values(self, _RANGES, option)
         Tolerance(self.atol, self.rtol)
         self.trt_tolerance()
         if self.trt:
@@ -149,7 +152,7 @@ def _parsers(where: str) -> dict[str, Callable[[Any], Any]]:
     return {"batch": lambda value: parse_batch(value, f"{where}: batch")}
 
 
-def parse_batch(value: Any, where: str = "--batch") -> int | None:
+def parse_batch(value: Any, where: str = option("batch")) -> int | None:
     """``"dynamic"`` (or None) -> None; a positive integer (or its string) -> that int."""
     if value is None or value == "dynamic":
         return None
@@ -262,9 +265,10 @@ def _refuse_run_folder(out: Path, run_dir: Path) -> None:
     """
     if not out.is_dir():
         return
-    hint = "choose another --out (default: RUN_DIR/deploy)"
+    hint = f"choose another {option('out')} (default: the run's {DEPLOY_DIR}/ folder)"
     if out.resolve() == run_dir.resolve():
-        raise RSDError(f"--out {out} is the run folder itself: the export would replace its weights; {hint}")
+        raise RSDError(f"{option('out')} {out} is the run folder itself: the export would replace its weights; "
+                       f"{hint}")
     held = [name for name in _TRAINING_FILES if (out / name).exists()]
     if (out / RUN_FILE).exists():
         try:
@@ -275,7 +279,7 @@ def _refuse_run_folder(out: Path, run_dir: Path) -> None:
             held.insert(0, f"{RUN_FILE} of a {info.form!r}-form run" if info is not None
                         else f"a {RUN_FILE} that is not an export's")
     if held:
-        raise RSDError(f"--out {out} holds a training run ({', '.join(held)}): the export would "
+        raise RSDError(f"{option('out')} {out} holds a training run ({', '.join(held)}): the export would "
                        f"replace its weights; {hint}")
 
 
@@ -312,8 +316,6 @@ def _artifact_record(path: Path) -> dict[str, Any]:
 def fuse_export(
     run_dir: str | os.PathLike,
     options: ExportOptions | None = None,
-    *,
-    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Fuse, verify and export the run in ``run_dir``; returns the report (also ``report.json``).
 
@@ -324,7 +326,6 @@ def fuse_export(
     """
     opts = options or ExportOptions()
     opts.validate()
-    say = log or (lambda _msg: None)
     started = time.perf_counter()
     run_dir = Path(run_dir)
 
@@ -348,14 +349,14 @@ def fuse_export(
         "checks": checks,
         "warnings": [],
     }
-    say(f"fusing {name} ({info.form} form)")
+    log.info(f"fusing {name} ({info.form} form)")
     fused = fuse_model(model)
 
     with _Staging(out) as stage:
         # 2. PyTorch parity: fused against unfused. --------------------------------------
         x, inputs = verification_inputs(info.to_json(), opts.samples)
         report["verification_inputs"] = inputs
-        say(f"verifying in PyTorch on {inputs}")
+        log.info(f"verifying in PyTorch on {inputs}")
         ref_unfused = torch_logits(model, x)
         ref_fused = torch_logits(fused, x)
         require(_add(checks, parity("pytorch fused vs unfused", ref_unfused, ref_fused, tol, batch=len(x))))
@@ -377,7 +378,7 @@ def fuse_export(
 
         if opts.writes_onnx:
             # 4. ONNX. ---------------------------------------------------------------------
-            say(f"exporting ONNX (opset {opts.opset}, batch {opts.batch or 'dynamic'})")
+            log.info(f"exporting ONNX (opset {opts.opset}, batch {opts.batch or 'dynamic'})")
             onnx_path = stage / ONNX_FILE
             export_onnx(fused, onnx_path, input_shape=input_shape, batch=opts.batch,
                         opset=opts.opset, metadata=metadata)
@@ -385,7 +386,7 @@ def fuse_export(
             checks.append({"name": "onnx.checker full check", "passed": True, "file": ONNX_FILE})
 
             # 5. Graph audit. -------------------------------------------------------------
-            say("auditing the graph against the plain architecture")
+            log.info("auditing the graph against the plain architecture")
             graph = op_histogram(onnx_path)
             reference = reference_histogram(
                 name, num_classes=info.num_classes, in_channels=info.in_channels,
@@ -405,7 +406,7 @@ def fuse_export(
                 raise RSDError(failure_message(result, "fused graph"))
 
             # 6. ONNX Runtime parity at batch 1 and at a larger batch. -------------------
-            say("checking ONNX Runtime against PyTorch")
+            log.info("checking ONNX Runtime against PyTorch")
             runner = get_backend("ort").load(onnx_path)
             for batch, xs, ref in _ort_batches(x, ref_fused, opts.batch):
                 got = logits(runner, xs, batch)
@@ -414,7 +415,7 @@ def fuse_export(
             del runner
 
             if opts.keep_unfused:
-                say("exporting the unfused training form for comparison")
+                log.info("exporting the unfused training form for comparison")
                 unfused_path = stage / UNFUSED_ONNX_FILE
                 export_onnx(model, unfused_path, input_shape=input_shape, batch=opts.batch,
                             opset=opts.opset, metadata=_onnx_metadata(info, info.form, source_sha))
@@ -434,7 +435,7 @@ def fuse_export(
 
         # 7. TensorRT. ------------------------------------------------------------------
         if opts.trt:
-            report["tensorrt"] = _tensorrt_step(opts, stage, out, input_shape, x, checks, say)
+            report["tensorrt"] = _tensorrt_step(opts, stage, out, input_shape, x, checks)
             if report["tensorrt"]["status"] == "built":
                 t = report["tensorrt"]
                 deploy.tensorrt = TensorRTProfile(t["min_batch"], t["opt_batch"], t["max_batch"], t["precision"])
@@ -449,9 +450,9 @@ def fuse_export(
         write_json(stage / REPORT_FILE, report)
         stage.publish(last=REPORT_FILE)
         if stage.stale:
-            say(f"removed staging folders of interrupted exports: {', '.join(stage.stale)}")
+            log.info(f"removed staging folders of interrupted exports: {', '.join(stage.stale)}")
         if stage.removed:
-            say(f"removed artifacts of an earlier export: {', '.join(stage.removed)}")
+            log.info(f"removed artifacts of an earlier export: {', '.join(stage.removed)}")
     return report
 
 
@@ -474,17 +475,17 @@ def _ort_batches(x, ref, fixed: int | None):
     return [(fixed, xs, tile_batch(ref, n) if n != len(x) else ref)]
 
 
-def _tensorrt_step(opts: ExportOptions, stage: _Staging, out: Path, input_shape, x, checks, say):
+def _tensorrt_step(opts: ExportOptions, stage: _Staging, out: Path, input_shape, x, checks):
     trt = get_backend("trt")
     availability = trt.available("cuda")
     if not availability:
-        say(f"skipping TensorRT: {availability.reason}")
+        log.info(f"skipping TensorRT: {availability.reason}")
         return {"status": "unavailable", "error": availability.reason}
     lo, opt, hi = opts.trt_profile()
     cache = stage / TIMING_CACHE_FILE
     if (out / TIMING_CACHE_FILE).is_file():
         shutil.copyfile(out / TIMING_CACHE_FILE, cache)
-    say(f"building a TensorRT {opts.precision} engine, batch profile ({lo}, {opt}, {hi})")
+    log.info(f"building a TensorRT {opts.precision} engine, batch profile ({lo}, {opt}, {hi})")
     info = trt.build_engine(stage / ONNX_FILE, stage / ENGINE_FILE, input_shape=input_shape,
                             min_batch=lo, opt_batch=opt, max_batch=hi, precision=opts.precision,
                             timing_cache=cache)

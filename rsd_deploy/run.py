@@ -302,7 +302,7 @@ def check_made_from(deploy_dir: str | os.PathLike, run_dir: str | os.PathLike) -
     """
     deploy_dir, run_dir = Path(deploy_dir), Path(run_dir)
     info = read_run(deploy_dir)
-    hint = f"re-export it: rsd-deploy fuse-export {run_dir}"
+    hint = f"re-export it with fuse_export from {run_dir}"
     if info.source is None:
         raise RSDError(f"{deploy_dir / RUN_FILE} records no sha256 of the weights it was exported from; {hint}")
     current = sha256_file(run_dir / WEIGHTS_FILE)

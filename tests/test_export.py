@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from helpers import HAS_CUDA, HAS_TENSORRT, trained_run
+from helpers import HAS_CUDA, HAS_TENSORRT, on_log, trained_run
 from rsd_deploy import models
 from rsd_deploy.backends import get_backend
 from rsd_deploy.cli import main
@@ -226,8 +226,8 @@ def test_interrupted_export_removes_only_what_it_made(runs, tmp_path):
             (out / "notes.txt").write_text("someone else's")
             raise KeyboardInterrupt  # Ctrl-C on A
 
-    with pytest.raises(KeyboardInterrupt):
-        fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)), log=at_work)
+    with pytest.raises(KeyboardInterrupt), on_log(at_work):
+        fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)))
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     # The lock went with A: the next export runs.
     fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)))
@@ -256,8 +256,9 @@ def test_next_export_removes_what_a_killed_one_left(runs, tmp_path, monkeypatch)
     # A SIGKILL mid-export leaves its staging folder: the next export removes it.
     (out / ".fuse-export-k1ll3d").mkdir()
     (out / ".fuse-export-k1ll3d" / "model.onnx").write_bytes(b"half")
-    seen = []
-    fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)), log=seen.append)
+    seen: list[str] = []
+    with on_log(seen.append):
+        fuse_export(runs["resnet20"], ExportOptions(samples=4, out=str(out)))
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "run.json", "report.json"}
     assert "removed staging folders of interrupted exports: .fuse-export-k1ll3d" in seen
     report = json.loads((out / "report.json").read_text())

@@ -130,7 +130,7 @@ def test_options_validation():
     with pytest.raises(RSDError, match="fixed ONNX batch of 4"):
         ExportOptions(trt=True, batch=4, max_batch=8).validate()
     assert ExportOptions(trt=True, batch=4).trt_profile() == (4, 4, 4)
-    with pytest.raises(RSDError, match="opt-batch"):
+    with pytest.raises(RSDError, match=r"`opt_batch` must be between 1 and `max_batch` \(8\); got 16"):
         ExportOptions(trt=True, max_batch=8, opt_batch=16).validate()
     with pytest.raises(RSDError, match="non-negative"):
         ExportOptions(atol=-1).validate()

@@ -98,7 +98,7 @@ def test_training_records_the_sha256_of_its_weights(tmp_path):
 
     config = TrainConfig(data="digits", input_size=8, train_samples=64, batch_size=32, epochs=1,
                          max_steps=1, workers=0, device="cpu", precise_bn=0, method="baseline")
-    out = train(config, tmp_path / "run", quiet=True)
+    out = train(config, tmp_path / "run")
     info = read_run(out)
     assert info.version == SCHEMA_VERSION and info.weights_sha256 == sha256_file(out / WEIGHTS_FILE)
     assert info.data.name == "digits" and info.normalization.mean == info.data.mean
@@ -192,7 +192,7 @@ def test_bench_refuses_an_export_of_other_weights(runs, tmp_path):
     out = tmp_path / "b"
     one_line_error(bench(run_dir, "--ort", "--out", out, *FAST),
                    f"{run_dir / 'deploy'} was exported from other weights (sha256 {before[:12]})",
-                   "re-export it: rsd-deploy fuse-export")
+                   "re-export it with fuse_export")
     assert not out.exists()
     # TensorRT too, before TensorRT is looked for.
     record_engine(run_dir / "deploy", {"min_batch": 1, "opt_batch": 1, "max_batch": 1, "precision": "fp32"})

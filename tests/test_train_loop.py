@@ -50,7 +50,7 @@ def _sha(path: Path) -> str:
 def rsd_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "rsd"
     torch.set_num_threads(torch.get_num_threads())
-    assert train(_config(), out, quiet=True) == out
+    assert train(_config(), out) == out
     return out
 
 
@@ -100,14 +100,14 @@ def test_killed_after_an_epoch_and_resumed_is_bit_identical(rsd_run, tmp_path):
         def die(epoch, metrics, model):
             if epoch == 1:
                 os.kill(os.getpid(), signal.SIGKILL)
-        train(TrainConfig.from_dict({TINY!r}), {str(out)!r}, quiet=True, on_epoch_end=die)
+        train(TrainConfig.from_dict({TINY!r}), {str(out)!r}, on_epoch_end=die)
     """)
     proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert checkpoint.read_progress(out) == (1, 4)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
-    train(_config(), out, resume=True, quiet=True)
+    train(_config(), out, resume=True)
     resumed, straight = load_tensors(out / "model.safetensors"), load_tensors(rsd_run / "model.safetensors")
     assert resumed.keys() == straight.keys()
     for k in straight:
@@ -123,7 +123,7 @@ def test_resume_of_finished_run_and_changed_settings(rsd_run):
     from rsd_deploy.training import resume_config
 
     with pytest.raises(RSDError, match="already trained 2 epochs"):
-        train(_config(), rsd_run, resume=True, quiet=True)
+        train(_config(), rsd_run, resume=True)
     with pytest.raises(RSDError, match="cannot change lr"):
         resume_config(rsd_run, {"lr": 0.1})
     assert resume_config(rsd_run, {"epochs": 5}).epochs == 5
@@ -131,7 +131,7 @@ def test_resume_of_finished_run_and_changed_settings(rsd_run):
 
 def test_max_steps_stops_mid_epoch_keeping_last_full_checkpoint(tmp_path):
     out = tmp_path / "short"
-    train(_config(method="baseline", epochs=3, max_steps=6), out, quiet=True)
+    train(_config(method="baseline", epochs=3, max_steps=6), out)
     meta = json.loads((out / "run.json").read_text())
     assert meta["metrics"]["steps"] == 6 and meta["metrics"]["complete"] is False
     assert checkpoint.read_progress(out) == (1, 4)
@@ -147,7 +147,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
             model.head[-1].weight.fill_(float("nan"))
 
     with pytest.raises(RSDError, match=r"non-finite loss \(nan\) at epoch 2, step 1") as err:
-        train(_config(method="baseline"), out, quiet=True, on_epoch_end=poison)
+        train(_config(method="baseline"), out, on_epoch_end=poison)
     assert "\n" not in str(err.value)
     assert {p.name: _sha(p) for p in out.iterdir()} == saved  # nothing rewritten
     model, info = load_run(out)
@@ -214,7 +214,7 @@ def test_corrupt_resume_state_is_an_error(rsd_run, tmp_path):
             _edit_state(run, lambda s: s.update(epoch=1, history=s["history"][:1]))
         before = _files(run)
         with pytest.raises(RSDError) as err:
-            train(_config(epochs=3), run, resume=True, quiet=True)
+            train(_config(epochs=3), run, resume=True)
         assert "\n" not in str(err.value) and str(run) in str(err.value), damage
         assert _files(run) == before, damage
     assert "is inconsistent: checkpoint.safetensors is from epoch 2, its state from epoch 1" in str(err.value)
@@ -262,11 +262,11 @@ def test_format_1_resume_state_still_resumes(tmp_path):
     """A run written before issue 14 (checkpoint.json beside the tensors) resumes exactly;
     its first epoch commits the one-file state and removes checkpoint.json."""
     new, old = tmp_path / "new", tmp_path / "old"
-    train(_config(method="baseline", epochs=1), new, quiet=True)
+    train(_config(method="baseline", epochs=1), new)
     shutil.copytree(new, old)
     _to_format_1(old)
     for run in (new, old):
-        train(_config(method="baseline", epochs=2), run, resume=True, quiet=True)
+        train(_config(method="baseline", epochs=2), run, resume=True)
     assert not (old / "checkpoint.json").exists()
     assert checkpoint.read_progress(old) == (2, 8)
     a, b = load_tensors(old / "model.safetensors"), load_tensors(new / "model.safetensors")
@@ -320,7 +320,7 @@ def test_resume_into_an_unwritable_folder_fails_before_training(rsd_run, tmp_pat
     real = loop._train_epoch
     monkeypatch.setattr(loop, "_train_epoch", lambda *a, **k: trained.append(1) or real(*a, **k))
     with pytest.raises(RSDError, match=f"cannot write to {run}"):
-        train(_config(epochs=3), run, resume=True, quiet=True)
+        train(_config(epochs=3), run, resume=True)
     assert not trained
 
 
@@ -334,7 +334,7 @@ def test_a_new_run_sweeps_what_killed_runs_left(tmp_path):
     for name in stale:
         (out / name).write_bytes(b"half")
     (out / ".notes.tmp").write_text("not ours")
-    train(_config(method="baseline", epochs=1), out, quiet=True)
+    train(_config(method="baseline", epochs=1), out)
     assert not [name for name in stale if (out / name).exists()]
     assert (out / ".notes.tmp").read_text() == "not ours"
 
@@ -346,7 +346,7 @@ def test_one_training_process_per_run_folder(tmp_path):
 
     with DirLock(out, "training run"):  # as another process training there would hold it
         with pytest.raises(RSDError, match=f"another training run is writing to {out}"):
-            train(_config(method="baseline", epochs=1), out, quiet=True)
+            train(_config(method="baseline", epochs=1), out)
     assert not list(out.iterdir())
 
 
@@ -386,7 +386,7 @@ def child(out, *, kill_at=0, log=None):
         os.replace = replace
         code = 0
         try:
-            train(config, out, resume=checkpoint.exists(out), quiet=True)
+            train(config, out, resume=checkpoint.exists(out))
         except BaseException:
             traceback.print_exc()
             code = 1
@@ -445,7 +445,7 @@ def test_ddp_two_processes_identical_weights_files_written_once(tmp_path):
     out = tmp_path / "ddp"
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(f"""
-        import os, sys
+        import logging, os, sys
         from rsd_deploy.io import save_tensors
         from rsd_deploy.training import TrainConfig, train
         out = sys.argv[1]
@@ -453,6 +453,7 @@ def test_ddp_two_processes_identical_weights_files_written_once(tmp_path):
             save_tensors(os.path.join(out + "-ranks", f"rank{{os.environ['RANK']}}.safetensors"),
                          model.state_dict())
         cfg = TrainConfig.from_dict({dict(TINY, batch_size=16, epochs=1)!r})
+        logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
         train(cfg, out, on_epoch_end=keep)
     """))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -467,9 +468,9 @@ def test_ddp_two_processes_identical_weights_files_written_once(tmp_path):
         assert torch.equal(r0[k], r1[k]), k
     saved = load_tensors(out / "model.safetensors")
     assert all(torch.equal(saved[k], r0[k]) for k in r0)
-    # Written once, by rank 0: one metrics line, one summary line, no temp files.
+    # Written once, by rank 0: one metrics line, one summary line (logged by rank 0 alone), no temp files.
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
-    assert proc.stdout.count("epoch 1/1:") == 1 and proc.stdout.count("run: ") == 1
+    assert proc.stdout.count("epoch 1/1:") == 1 and proc.stdout.count("effective batch") == 1
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     meta = json.loads((out / "run.json").read_text())
     assert meta["training"]["world_size"] == 2 and meta["training"]["effective_batch_size"] == 32

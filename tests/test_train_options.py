@@ -47,11 +47,11 @@ def test_cosine_schedule_after_warmup():
 
 
 @pytest.mark.parametrize("values, needle", [
-    ({"warmup_epochs": -1.0}, "warmup-epochs"),
-    ({"warmup_epochs": float("nan")}, "warmup-epochs"),
-    ({"clip_grad_norm": 0.0}, "clip-grad-norm"),
-    ({"clip_grad_norm": float("inf")}, "clip-grad-norm"),
-    ({"precise_bn": -2}, "precise-bn"),
+    ({"warmup_epochs": -1.0}, "`warmup_epochs`"),
+    ({"warmup_epochs": float("nan")}, "`warmup_epochs`"),
+    ({"clip_grad_norm": 0.0}, "`clip_grad_norm`"),
+    ({"clip_grad_norm": float("inf")}, "`clip_grad_norm`"),
+    ({"precise_bn": -2}, "`precise_bn`"),
     ({"schedule": "linear"}, "schedule"),
 ])
 def test_bad_stabiliser_values_are_refused(values, needle):
@@ -60,7 +60,7 @@ def test_bad_stabiliser_values_are_refused(values, needle):
 
 
 def test_loop_follows_the_schedule_step_by_step(tmp_path):
-    out = train(_config(lr=0.08, warmup_epochs=1.5, schedule="cosine", epochs=3), tmp_path / "r", quiet=True)
+    out = train(_config(lr=0.08, warmup_epochs=1.5, schedule="cosine", epochs=3), tmp_path / "r")
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     c = _config(lr=0.08, warmup_epochs=1.5, schedule="cosine", epochs=3)
     assert [r["lr"] for r in lines] == pytest.approx([c.lr_at(e, 3, 4) for e in range(3)])  # last step's lr
@@ -72,7 +72,7 @@ def test_loop_follows_the_schedule_step_by_step(tmp_path):
 
 def test_clipping_matches_a_hand_clipped_step(tmp_path):
     clip = 0.05
-    out = train(_config(method="baseline", clip_grad_norm=clip, max_steps=1, epochs=1), tmp_path / "r", quiet=True)
+    out = train(_config(method="baseline", clip_grad_norm=clip, max_steps=1, epochs=1), tmp_path / "r")
     record = json.loads((out / "metrics.jsonl").read_text())
     assert record["grad_norm_max"] > clip and record["clipped_fraction"] == 1.0
 
@@ -151,7 +151,7 @@ def test_precise_bn_equals_a_hand_computation(form):
 
 def test_precise_bn_run_saves_the_re_estimated_statistics(tmp_path):
     config = _config(precise_bn=3)
-    out = train(config, tmp_path / "r", quiet=True)
+    out = train(config, tmp_path / "r")
     saved = load_tensors(out / "model.safetensors")
     assert all(int(v) == 3 for k, v in saved.items() if k.endswith("num_batches_tracked"))
     # Re-estimating from the saved weights over the loop's batches of the last epoch (drawn
@@ -175,7 +175,7 @@ def test_precise_bn_run_saves_the_re_estimated_statistics(tmp_path):
 
 def test_resume_with_every_stabiliser_is_bit_identical(tmp_path):
     kw = dict(precise_bn=2, warmup_epochs=0.5, clip_grad_norm=1.0, schedule="cosine", epochs=3)
-    straight = train(_config(**kw), tmp_path / "straight", quiet=True)
+    straight = train(_config(**kw), tmp_path / "straight")
     part = tmp_path / "part"
 
     def interrupt(epoch, metrics, model):
@@ -183,8 +183,8 @@ def test_resume_with_every_stabiliser_is_bit_identical(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(_config(**kw), part, quiet=True, on_epoch_end=interrupt)
-    train(_config(**kw), part, resume=True, quiet=True)
+        train(_config(**kw), part, on_epoch_end=interrupt)
+    train(_config(**kw), part, resume=True)
     a, b = load_tensors(straight / "model.safetensors"), load_tensors(part / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
@@ -221,7 +221,7 @@ def _collapsing(**kw) -> TrainConfig:
 def test_guard_stops_a_collapsed_run_and_keeps_the_last_good_epoch(tmp_path):
     out = tmp_path / "r"
     with pytest.raises(RSDError) as err:
-        train(_collapsing(), out, quiet=True)
+        train(_collapsing(), out)
     msg = str(err.value)
     assert "\n" not in msg and "collapsed in epoch" in msg and "warm-up" in msg
     epoch = int(msg.split("collapsed in epoch ")[1].split(":")[0])
@@ -233,7 +233,7 @@ def test_guard_stops_a_collapsed_run_and_keeps_the_last_good_epoch(tmp_path):
 
 
 def test_guard_can_be_turned_off(tmp_path):
-    out = train(_collapsing(collapse_guard=False), tmp_path / "r", quiet=True)
+    out = train(_collapsing(collapse_guard=False), tmp_path / "r")
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["epoch"] == 6 and last["train_acc"] < 0.2 and last["loss"] > math.log(10)  # it did collapse
 
@@ -255,7 +255,7 @@ def test_amp_on_cpu_trains_in_bfloat16_close_to_float32(tmp_path):
         handle = torch.nn.modules.module.register_module_forward_hook(
             lambda m, i, o, amp=amp: seen.append(o.dtype) if isinstance(m, nn.Conv2d) and amp else None)
         try:
-            runs[amp] = train(config, out=tmp_path / f"amp{amp}", quiet=True)
+            runs[amp] = train(config, out=tmp_path / f"amp{amp}")
         finally:
             handle.remove()
     assert torch.bfloat16 in seen  # (a setup forward outside the step may run in float32)
@@ -270,5 +270,5 @@ def test_amp_on_cpu_trains_in_bfloat16_close_to_float32(tmp_path):
 def test_amp_on_a_cpu_without_bfloat16_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     with pytest.raises(RSDError, match="bfloat16 instructions"):
-        train(_config(amp=True), out=tmp_path / "run", quiet=True)
+        train(_config(amp=True), out=tmp_path / "run")
     assert not (tmp_path / "run").exists()

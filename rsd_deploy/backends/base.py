@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..errors import RSDError
+from ..errors import RSDError, option
 from ..onnx import DEFAULT_OPSET
 
 Array = torch.Tensor | np.ndarray
@@ -110,7 +110,7 @@ def check_device(backend: ModuleType, device: str) -> None:
         raise RSDError(f"unknown device {device!r}; choose from: {', '.join(DEVICES)}")
     if device not in backend.DEVICES:
         only = " and ".join(d.upper() for d in backend.DEVICES)
-        raise RSDError(f"{backend.LABEL} runs on {only} only: drop --device {device}")
+        raise RSDError(f"{backend.LABEL} runs on {only} only: drop {option('device')} {device}")
 
 
 def check_precision(backend: ModuleType, precision: str) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import RSDError
+from ..errors import RSDError, option
 from ..onnx import INPUT_NAME, OUTPUT_NAME, export_onnx
 from ..verify import Tolerance
 from .base import Array, ArtifactSpec, Availability, as_numpy, check_device, check_precision, file_artifact
@@ -52,7 +52,7 @@ def onnx_settings(path: Path, input_shape: tuple[int, int, int]) -> tuple[int, i
     """``(opset, fixed batch or None)`` of an exported model, checked against the run's input shape."""
     import onnx
 
-    file_artifact(path, "exported ONNX", "export first with `rsd-deploy fuse-export RUN_DIR --onnx`")
+    file_artifact(path, "exported ONNX", f"export one first with fuse_export ({option('onnx')})")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises its own decode errors
@@ -74,7 +74,7 @@ def deployed(deploy_dir: Path, input_shape: tuple[int, int, int], batch_sizes: S
     if fixed is not None and list(batch_sizes) != [fixed]:
         raise RSDError(
             f"{path} was exported for batch {fixed} only; "
-            f"pass --batch-sizes {fixed} or re-export with a dynamic batch"
+            f"set {option('batch_sizes')} to {fixed} or re-export with a dynamic {option('batch')}"
         )
     return ArtifactSpec(tuple(input_shape), batch=fixed, opset=opset)
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import RSDError
+from ..errors import RSDError, option
 from ..io import atomic_path
 from ..onnx import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 from ..verify import Tolerance
@@ -73,8 +73,7 @@ def deployed_profile(deploy_dir: Path, batch_sizes: Sequence[int]) -> TensorRTPr
     """
     from .. import run as runs
 
-    file_artifact(deploy_dir / FILE, "TensorRT engine",
-                  "build one with `rsd-deploy fuse-export RUN_DIR --onnx --trt`")
+    file_artifact(deploy_dir / FILE, "TensorRT engine", f"build one with fuse_export ({option('trt')})")
     profile = runs.read_run(deploy_dir).tensorrt
     if profile is None:
         keys = ", ".join(f.name for f in dataclasses.fields(runs.TensorRTProfile))
@@ -83,9 +82,9 @@ def deployed_profile(deploy_dir: Path, batch_sizes: Sequence[int]) -> TensorRTPr
     outside = [b for b in batch_sizes if not lo <= b <= hi]
     if outside:
         raise RSDError(
-            f"batch size {outside[-1]} is outside the engine's profile ({lo} to {hi}); "
-            f"rebuild with `rsd-deploy fuse-export RUN_DIR --onnx --trt --max-batch {outside[-1]}` "
-            f"or pass --batch-sizes within {lo}-{hi}"
+            f"batch size {outside[-1]} is outside the engine's profile ({lo} to {hi}); rebuild it with "
+            f"fuse_export ({option('trt')}, {option('max_batch')} {outside[-1]}) "
+            f"or keep {option('batch_sizes')} within {lo}-{hi}"
         )
     if profile.precision not in TOLERANCES:
         raise RSDError(f"unknown TensorRT precision {profile.precision!r} in {deploy_dir / runs.RUN_FILE}")
@@ -231,7 +230,7 @@ class TrtRunner:
         if self.engine is None:
             raise RSDError(
                 f"TensorRT cannot load {path}: it is corrupt or was built by another TensorRT "
-                "version or GPU; rebuild it with rsd-deploy fuse-export --trt"
+                f"version or GPU; rebuild it with fuse_export ({option('trt')})"
             )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]

@@ -12,9 +12,10 @@ temporary folder.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +27,7 @@ from .. import run as runs
 from ..backends import ArtifactSpec, get_backend, make_artifact
 from ..backends.base import check_device
 from ..complexity import count_macs, count_params
-from ..errors import RSDError
+from ..errors import RSDError, option
 from ..fuse import fuse_model
 from . import stats, timing
 from .report import ROLES, available_cores, machine_info, write_report
@@ -35,7 +36,8 @@ from .runner import Budget, measure
 DEPLOY_DIR = "deploy"
 DEFAULT_BATCH_SIZES = (1, 64)
 BENCH_DIR = "bench"
-Progress = Callable[[str], None]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -155,7 +157,6 @@ def bench_run(
     budget: Budget | None = None,
     threads: int | None = None,
     out: str | os.PathLike | None = None,
-    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Benchmark an RSD run's unfused, fused and baseline models; write and return the report.
 
@@ -172,7 +173,7 @@ def bench_run(
     sizes = parse_batch_sizes(batch_sizes)
     budget = budget or Budget()
     if threads is not None and threads < 1:
-        raise RSDError(f"--threads must be positive (got {threads})")
+        raise RSDError(f"{option('threads')} must be positive (got {threads})")
     threads = threads or available_cores()
     info = _read_training_run(run_dir)
     deploy_dir = Path(deploy) if deploy is not None else run_dir / DEPLOY_DIR
@@ -187,8 +188,7 @@ def bench_run(
     be.available(device).require()
     baseline_dir = Path(baseline) if baseline is not None else None
 
-    say = progress or (lambda _msg: None)
-    say(f"loading {run_dir} ({info.model}) and building the three models")
+    log.info(f"loading {run_dir} ({info.model}) and building the three models")
     subjects = _subjects(run_dir, info, baseline_dir)
     model_info = {
         r: {"description": s.description, "params": count_params(s.module),
@@ -198,7 +198,7 @@ def bench_run(
 
     with tempfile.TemporaryDirectory(prefix="rsd-bench-") as tmp_name:
         if be.FILE is not None:
-            say(f"making the unfused model and the baseline for {be.LABEL} ({spec.describe()})")
+            log.info(f"making the unfused model and the baseline for {be.LABEL} ({spec.describe()})")
         _make_artifacts(be, subjects, deploy_dir, Path(tmp_name), spec)
         for r in ROLES:
             model_info[r]["description"] = subjects[r].description
@@ -209,13 +209,13 @@ def bench_run(
                        for r, s in subjects.items()}
             settings = runners["fused"].settings()
             for batch in sizes:
-                say(f"batch {batch}: timing {', '.join(ROLES)} in interleaved rounds")
+                log.info(f"batch {batch}: timing {', '.join(ROLES)} in interleaved rounds")
                 timers = {r: timing.runner_timer(runners[r], batch, input_shape) for r in ROLES}
-                rounds = measure(timers, budget, progress=lambda m, b=batch: say(f"batch {b}: {m}"))
+                rounds = measure(timers, budget, label=f"batch {batch}")
                 entry = _analyse(batch, rounds)
                 entries.append(entry)
                 timings[str(batch)] = {r: [[round(t * 1e3, 5) for t in rnd] for rnd in rounds[r]] for r in ROLES}
-                say(f"batch {batch}: {entry['verdict']['text']}")
+                log.info(f"batch {batch}: {entry['verdict']['text']}")
 
     profile = None
     if spec.profile is not None:

@@ -14,6 +14,7 @@ steady), which a deployed model serving alone never pays.
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -21,11 +22,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..errors import RSDError
+from ..errors import RSDError, option
 
 Timer = Callable[[], float]
 DEFAULT_MIN_S = 3.0
-Progress = Callable[[str], None]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,17 +50,17 @@ class Budget:
 
     def __post_init__(self) -> None:
         # Written as "not (x >= 0)" so that NaN, which fails every comparison, is refused too:
-        # a NaN --min-s would never be reached and the measurement would run forever.
+        # a NaN min_s would never be reached and the measurement would run forever.
         if not (math.isfinite(self.warmup_s) and self.warmup_s >= 0):
-            raise RSDError(f"--warmup-s must be a finite number >= 0 (got {self.warmup_s})")
+            raise RSDError(f"{option('warmup_s')} must be a finite number >= 0 (got {self.warmup_s})")
         if self.min_s is not None and self.iters is not None:
-            raise RSDError("give either --min-s or --iters, not both")
+            raise RSDError(f"give either {option('min_s')} or {option('iters')}, not both")
         if self.min_s is None and self.iters is None:
             object.__setattr__(self, "min_s", DEFAULT_MIN_S)
         if self.min_s is not None and not (math.isfinite(self.min_s) and self.min_s > 0):
-            raise RSDError(f"--min-s must be a finite positive number (got {self.min_s})")
+            raise RSDError(f"{option('min_s')} must be a finite positive number (got {self.min_s})")
         if self.iters is not None and self.iters < 1:
-            raise RSDError(f"--iters must be at least 1 (got {self.iters})")
+            raise RSDError(f"{option('iters')} must be at least 1 (got {self.iters})")
         if not (math.isfinite(self.round_s) and self.round_s > 0) or self.min_rounds < 1 or self.lead_calls < 0:
             raise RSDError("round_s must be positive, min_rounds at least 1 and lead_calls at least 0")
 
@@ -83,9 +85,12 @@ def calls_per_turn(latency_s: float, round_s: float, cap: int = 10_000) -> int:
 
 
 def measure(
-    timers: Mapping[str, Timer], budget: Budget, progress: Progress | None = None
+    timers: Mapping[str, Timer], budget: Budget, label: str = "timing"
 ) -> dict[str, list[list[float]]]:
-    """Time every model in interleaved rounds; returns ``{model: [[seconds per call] per round]}``."""
+    """Time every model in interleaved rounds; returns ``{model: [[seconds per call] per round]}``.
+
+    Progress is logged at INFO, each line starting with ``label``.
+    """
     names = list(timers)
     if not names:
         raise ValueError("nothing to measure")
@@ -97,8 +102,7 @@ def measure(
         per_turn[name] = 1 if budget.iters else calls_per_turn(
             float(np.median(warm[len(warm) // 2 :])), budget.round_s
         )
-        if progress:
-            progress(f"warm-up {name}: {len(warm)} calls, {per_turn[name]} per turn")
+        log.info(f"{label}: warm-up {name}: {len(warm)} calls, {per_turn[name]} per turn")
 
     rounds: dict[str, list[list[float]]] = {n: [] for n in names}
     totals = dict.fromkeys(names, 0.0)
@@ -123,8 +127,8 @@ def measure(
                 rounds[name].append(turn)
                 totals[name] += sum(turn)
             r += 1
-            if progress and (r % 10 == 0 or done()):
-                progress(f"round {r}: " + ", ".join(f"{n} {totals[n]:.1f}s" for n in names))
+            if r % 10 == 0 or done():
+                log.info(f"{label}: round {r}: " + ", ".join(f"{n} {totals[n]:.1f}s" for n in names))
     finally:
         if gc_was_enabled:
             gc.enable()

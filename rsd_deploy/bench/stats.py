@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import option
+
 #: fused/baseline ratios inside [1 - TOLERANCE, 1 + TOLERANCE] count as "no overhead".
 TOLERANCE = 0.03
 #: Confidence level of every interval reported.
@@ -185,7 +187,7 @@ def instability(
     warnings: list[str] = []
     n_rounds = _check_rounds(times)
     if n_rounds < MIN_ROUNDS:
-        warnings.append(f"only {n_rounds} rounds: the interval is coarse; measure longer (--min-s) or more rounds (--iters)")
+        warnings.append(f"only {n_rounds} rounds: the interval is coarse; measure longer ({option('min_s')}) or more rounds ({option('iters')})")
     width = fused_vs_baseline.hi - fused_vs_baseline.lo
     if width > 2 * tolerance:
         warnings.append(

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from ..errors import RSDError
+from ..errors import RSDError, option
 from ..io import atomic_path, load_tensors, read_json, write_tensors
 from .config import TrainConfig
 
@@ -105,7 +105,7 @@ def read_state(run_dir: str | os.PathLike) -> dict[str, Any]:
     run_dir = Path(run_dir)
     path = run_dir / STATE_FILE
     if not exists(run_dir):
-        raise RSDError(f"{run_dir} holds no resume state ({STATE_FILE}); cannot --resume it")
+        raise RSDError(f"{run_dir} holds no resume state ({STATE_FILE}); cannot {option('resume')} it")
     if not path.is_file():
         raise RSDError(f"resume state {path} is missing ({LEGACY_STATE_FILE} alone cannot resume)")
     try:

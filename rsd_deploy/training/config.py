@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import models
 from ..data import DATASETS
-from ..errors import RSDError
+from ..errors import RSDError, option
 from ..schema import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Rule, check_values, from_mapping
 from .rsd import LOSS_TERMS, RSDObjective
 
@@ -81,15 +81,15 @@ class TrainConfig:
         _choice("data", self.data, DATASETS)
         _choice("device", self.device, DEVICES)
         _choice("schedule", self.schedule, SCHEDULES)
-        check_values(self, _RANGES, lambda name: f"--{_flag(name)}")
+        check_values(self, _RANGES, option)
         if self.alpha == 0 and self.beta == 0:
-            raise RSDError("--alpha and --beta cannot both be 0 (the loss would be 0)")
+            raise RSDError(f"{option('alpha')} and {option('beta')} cannot both be 0 (the loss would be 0)")
         if self.input_size is not None:
             _check_input_size(self.model, self.input_size)
         if sorted(self.lr_milestones) != list(self.lr_milestones) or any(
             m < 1 for m in self.lr_milestones
         ):
-            raise RSDError(f"--lr-milestones must be increasing epochs >= 1 (got {self.lr_milestones})")
+            raise RSDError(f"{option('lr_milestones')} must be increasing epochs >= 1 (got {self.lr_milestones})")
         try:
             self.objective()
         except ValueError as e:
@@ -173,16 +173,12 @@ def _check_input_size(model: str, size: int) -> None:
     if not fits(size):
         largest = models.get_spec(model).input_size
         smallest = next((s for s in range(size + 1, largest) if fits(s)), largest)
-        raise RSDError(f"--input-size {size} is too small for {model} (it needs at least {smallest})")
+        raise RSDError(f"{option('input_size')} {size} is too small for {model} (it needs at least {smallest})")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise RSDError(f"unknown {name} {value!r}; choose from: {', '.join(choices)}")
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:

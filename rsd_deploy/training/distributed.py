@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..errors import RSDError
+from ..errors import RSDError, option
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RSDError("--device cuda: no CUDA device is available here (use --device cpu)")
+        raise RSDError(f"{option('device')} cuda: no CUDA device is available here (use {option('device')} cpu)")
     return torch.device(choice)
 
 

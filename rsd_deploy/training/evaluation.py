@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data import eval_dataset
-from ..errors import RSDError
+from ..errors import RSDError, option
 from ..run import load_run
 from .distributed import resolve_device
 
@@ -44,7 +44,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *,
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
-    """The autocast dtype of ``--amp`` on ``device``: float16 on CUDA (with gradient
+    """The autocast dtype of ``amp`` on ``device``: float16 on CUDA (with gradient
     scaling), bfloat16 on a CPU with bfloat16 instructions; an :class:`RSDError` elsewhere."""
     if device.type == "cuda":
         return torch.float16
@@ -67,9 +67,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, data_dir: str | None = None, bat
                  device: str = "auto", workers: int = 2) -> dict:
     """Top-1 / top-5 of the run in ``run_dir`` (training or deploy form) on its validation split."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise RSDError(f"--batch-size must be at least 1 (got {batch_size})")
+        raise RSDError(f"{option('batch_size')} must be at least 1 (got {batch_size})")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise RSDError(f"--workers must be >= 0 (got {workers})")
+        raise RSDError(f"{option('workers')} must be >= 0 (got {workers})")
     model, run = load_run(run_dir)
     if run.data is None:
         raise RSDError(f"{run_dir}/run.json records no data set; cannot evaluate it")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import platform
 import sys
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import __version__, models
 from ..data import DataInfo, load_datasets
-from ..errors import RSDError
+from ..errors import RSDError, option
 from ..io import DirLock, atomic_path, atomic_paths, remove_stale_temps, sha256_file, write_tensors
 from ..run import RUN_FILE, WEIGHTS_FILE, ModelSource, Normalization, RunInfo
 from . import checkpoint, distributed
@@ -48,6 +49,8 @@ RUN_FILES = (WEIGHTS_FILE, RUN_FILE, METRICS_FILE, CURVES_FILE, *checkpoint.FILE
 RESUMABLE_CHANGES = ("epochs", "max_steps", "device", "workers", "eval_batch_size")
 
 EpochCallback = Callable[[int, dict[str, Any], nn.Module], None]
+
+log = logging.getLogger(__name__)
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -132,11 +135,11 @@ def _versions() -> dict[str, str]:
 def _lock_run_dir(run_dir: Path) -> DirLock:
     """Create ``run_dir`` if needed and lock it: one training process writes a run at a time."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise RSDError(f"--out {run_dir} exists and is not a directory")
+        raise RSDError(f"{option('out')} {run_dir} exists and is not a directory")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise RSDError(f"cannot write to --out {run_dir}: {e.strerror or e}") from None
+        raise RSDError(f"cannot write to {option('out')} {run_dir}: {e.strerror or e}") from None
     return DirLock(run_dir, "training run")
 
 
@@ -144,15 +147,16 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> list[str]:
     """Check the locked ``run_dir`` for this start; sweep what killed runs left (their names)."""
     if resume:
         if not checkpoint.exists(run_dir):
-            raise RSDError(f"{run_dir} holds no resume state; cannot --resume it")
+            raise RSDError(f"{run_dir} holds no resume state; cannot {option('resume')} it")
     elif (run_dir / RUN_FILE).exists() or checkpoint.exists(run_dir):
-        raise RSDError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    try:  # fail now, not after the first epoch, when --out is not writable (resumed runs too)
+        raise RSDError(f"{run_dir} already holds a run; {option('resume')} it to continue it or choose another "
+                       f"{option('out')}")
+    try:  # fail now, not after the first epoch, when the run directory is not writable (resumed runs too)
         with atomic_path(run_dir / _WRITE_TEST) as tmp:
             tmp.write_text("")
         (run_dir / _WRITE_TEST).unlink()
     except OSError as e:
-        raise RSDError(f"cannot write to --out {run_dir}: {e.strerror or e}") from None
+        raise RSDError(f"cannot write to {option('out')} {run_dir}: {e.strerror or e}") from None
     return remove_stale_temps(run_dir, RUN_FILES)
 
 
@@ -162,7 +166,7 @@ def _write_epoch(run_dir: Path, *, model: nn.Module, info: RunInfo,
 
     Every file is written under a temporary name before any is renamed, so a failure
     while writing (say, a plot error) changes nothing. The resume state commits the
-    epoch: a kill between the renames leaves the previous one, and --resume redoes the
+    epoch: a kill between the renames leaves the previous one, and a resume redoes the
     epoch, rewriting every file.
     """
     names = [WEIGHTS_FILE, RUN_FILE, METRICS_FILE, CURVES_FILE] + ([checkpoint.STATE_FILE] if state else [])
@@ -221,22 +225,24 @@ def _collapse(record: dict[str, Any], num_classes: int, ceiling: float | None) -
 
 
 def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
-          quiet: bool = False, on_epoch_end: EpochCallback | None = None) -> Path:
+          progress_bar: bool = False, on_epoch_end: EpochCallback | None = None) -> Path:
     """Train ``config`` into the run directory ``out`` (or ``runs/<name>-<time>``); returns it.
 
-    With ``resume``, continue the run in ``out`` from its last completed epoch.
+    With ``resume``, continue the run in ``out`` from its last completed epoch. Progress
+    (one line per epoch) is logged at INFO by the main process; ``progress_bar`` adds a
+    tqdm bar per epoch on stderr.
     ``on_epoch_end(epoch, metrics, model)`` is called on every process after each epoch,
     once rank 0 has written the epoch's files and every rank holds the same model.
     Under ``torchrun`` this trains with DistributedDataParallel.
     """
     config.validate()
     if resume and out is None:
-        raise RSDError("--resume needs --out RUN_DIR, the run to continue")
+        raise RSDError(f"{option('resume')} needs {option('out')}, the run directory to continue")
     if resume:
         done, steps = checkpoint.read_progress(out)
         if done >= config.epochs or (config.max_steps is not None and steps >= config.max_steps):
             raise RSDError(f"nothing to do: {out} has already trained {done} epochs ({steps} steps); "
-                           "raise --epochs (or --max-steps) to continue it")
+                           f"raise {option('epochs')} (or {option('max_steps')}) to continue it")
     if config.amp:
         amp_dtype(distributed.resolve_device(config.device))  # refuses a device without one
     run_dir = Path(out) if out is not None else default_run_dir(config)
@@ -247,7 +253,8 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
             # Under the lock, a resume state found now is an earlier run's; one found later, ours.
             fresh = ctx.is_main and not resume and not checkpoint.exists(run_dir)
             try:
-                return _train(config, run_dir, ctx, resume=resume, quiet=quiet, on_epoch_end=on_epoch_end)
+                return _train(config, run_dir, ctx, resume=resume, progress_bar=progress_bar,
+                              on_epoch_end=on_epoch_end)
             except BaseException:
                 if fresh:
                     checkpoint.discard_start(run_dir)  # no epoch committed: leave no half-started run
@@ -262,8 +269,8 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
 
 
 def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resume: bool,
-           quiet: bool, on_epoch_end: EpochCallback | None) -> Path:
-    say = (lambda *a: None) if quiet or not ctx.is_main else (lambda *a: print(*a, flush=True))
+           progress_bar: bool, on_epoch_end: EpochCallback | None) -> Path:
+    say = log.info if ctx.is_main else (lambda *a: None)
     if ctx.is_main:
         swept = _prepare_run_dir(run_dir, resume)
         if swept:
@@ -284,7 +291,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
     if steps_per_epoch == 0:
         raise RSDError(
             f"{len(train_ds)} training samples make no full batch of {config.batch_size} "
-            f"x {ctx.world_size} process(es); lower --batch-size"
+            f"x {ctx.world_size} process(es); lower {option('batch_size')}"
         )
 
     torch.manual_seed(config.seed)  # same initial weights on every rank
@@ -303,7 +310,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
         state = checkpoint.load(run_dir, model=model, optimizer=optimizer, scaler=scaler)
         start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
         say(f"resuming {run_dir} after epoch {start_epoch} (step {global_step})")
-    elif ctx.is_main:  # the start state: a run killed before its first epoch ends can --resume
+    elif ctx.is_main:  # the start state: a run killed before its first epoch ends can be resumed
         checkpoint.save(run_dir, epoch=0, step=0, model=model, optimizer=optimizer, scaler=scaler,
                         config=config.to_json(), history=[])
 
@@ -324,7 +331,7 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
         try:
             record, global_step, complete = _train_epoch(
                 step_fn, optimizer, scaler, _train_loader(train_ds, config, ctx, epoch),
-                config, ctx, epoch, global_step, steps_per_epoch, quiet,
+                config, ctx, epoch, global_step, steps_per_epoch, progress_bar,
             )
         except _NonFinite as e:
             raise RSDError(f"{e}; training stopped ({_kept(run_dir, epoch)})") from None
@@ -358,8 +365,6 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
     if ctx.is_main:
         if not trained:
             raise RSDError(f"nothing to do: {run_dir} has already trained {start_epoch} epochs")
-        say(f"run: {run_dir}")
-        say(f"next: rsd-deploy fuse-export {run_dir} --onnx")
     return run_dir
 
 
@@ -392,7 +397,7 @@ def _summary(record: dict[str, Any], epochs: int) -> str:
 
 def _train_epoch(step_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                  loader: DataLoader, config: TrainConfig, ctx: distributed.Context, epoch: int,
-                 global_step: int, steps_per_epoch: int, quiet: bool) -> tuple[dict[str, Any], int, bool]:
+                 global_step: int, steps_per_epoch: int, progress_bar: bool) -> tuple[dict[str, Any], int, bool]:
     from tqdm import tqdm
 
     step_fn.train()
@@ -403,7 +408,7 @@ def _train_epoch(step_fn: nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     complete = True
     start = time.perf_counter()
     bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=quiet or not ctx.is_main, dynamic_ncols=True, file=sys.stderr)
+               disable=not progress_bar or not ctx.is_main, dynamic_ncols=True, file=sys.stderr)
     images = 0
     lr = config.lr_at(epoch, 0, steps_per_epoch)
     grad_norms: list[Tensor] = []

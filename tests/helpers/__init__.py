@@ -9,11 +9,15 @@
 - :func:`untrained_run` writes an RSD (or plain) run with random weights and non-trivial
   BatchNorm statistics, and exports it with ``rsd_deploy.export.fuse_export`` (what
   ``rsd-deploy fuse-export`` runs) into ``RUN_DIR/deploy``: the bench tests' runs.
+- :func:`on_log` calls a function with every progress message the library logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,25 @@ CIFAR_MINI = ROOT.parent / "shared" / "data" / "cifar10-mini"
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+@contextlib.contextmanager
+def on_log(fn: Callable[[str], None]) -> Iterator[None]:
+    """Call ``fn(message)`` for every record the library logs at INFO or above, while inside."""
+
+    class Hook(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            fn(record.getMessage())
+
+    logger, hook = logging.getLogger("rsd_deploy"), Hook()
+    level = logger.level
+    logger.addHandler(hook)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(hook)
+        logger.setLevel(level)
+
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 requires_tensorrt = pytest.mark.skipif(
@@ -147,7 +170,7 @@ def trained_run(
         data_dir=str(data_dir), epochs=1, max_steps=steps, batch_size=batch_size, seed=seed,
         train_samples=steps * batch_size, val_samples=64, workers=0,
     )
-    train(config, run_dir, quiet=True)
+    train(config, run_dir)
     model, info = load_run(run_dir)
     if probe:
         train_ds, _, _ = _datasets(str(data_dir))
