@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 import click
@@ -47,15 +48,23 @@ def _flags(command: click.Command) -> dict[str, str]:
             if isinstance(p, click.Option) and any(o.startswith("--") for o in p.opts)}
 
 
+#: Library functions a message may point to, and the command that runs each.
+_COMMANDS = {"fuse_export": "rsd-deploy fuse-export"}
+
+
 def _as_flags(message: str, command: click.Command | None, group: click.Group) -> str:
-    """``message`` with the options it names shown as flags: the command's own, else any command's."""
+    """``message`` in command-line terms: the options it names as flags (the command's own, else
+    any command's), the library functions it points to as commands."""
     known: dict[str, str] = {}
     for other in group.commands.values():
         known.update({k: v for k, v in _flags(other).items() if k not in known})
     if command is not None:
         known.update(_flags(command))
     known.update({k.removeprefix("use_"): v for k, v in known.items() if k.startswith("use_")})
-    return OPTION.sub(lambda m: known.get(m.group(1), m.group(1)), message)
+    message = OPTION.sub(lambda m: known.get(m.group(1), m.group(1)), message)
+    for function, cli in _COMMANDS.items():
+        message = re.sub(rf"\b{function}\b", cli, message)
+    return message
 
 
 class _EchoHandler(logging.Handler):

@@ -16,7 +16,8 @@ def test_options_become_the_commands_flags():
     assert _as_flags(message, fuse, main) == "--opt-batch must be between 1 and --max-batch (8); got 16"
     # A flag of another command (bench's hint to rebuild an engine), a backend flag, a plain word.
     assert _as_flags(f"rebuild with {option('max_batch')} 64", bench, main) == "rebuild with --max-batch 64"
-    assert _as_flags(f"build one with {option('trt')}", bench, main) == "build one with --trt"
+    assert _as_flags(f"build one with fuse_export ({option('trt')})", bench, main) == \
+        "build one with rsd-deploy fuse-export (--trt)"
     assert _as_flags(f"{option('resume')} needs {option('out')}", train, main) == "--resume needs --out"
     assert _as_flags(f"no {option('source_sha')} here", None, main) == "no source_sha here"
     assert _as_flags("the `rsd-deploy` text is left alone", train, main) == "the `rsd-deploy` text is left alone"

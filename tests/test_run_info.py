@@ -192,7 +192,7 @@ def test_bench_refuses_an_export_of_other_weights(runs, tmp_path):
     out = tmp_path / "b"
     one_line_error(bench(run_dir, "--ort", "--out", out, *FAST),
                    f"{run_dir / 'deploy'} was exported from other weights (sha256 {before[:12]})",
-                   "re-export it with fuse_export")
+                   "re-export it with rsd-deploy fuse-export")
     assert not out.exists()
     # TensorRT too, before TensorRT is looked for.
     record_engine(run_dir / "deploy", {"min_batch": 1, "opt_batch": 1, "max_batch": 1, "precision": "fp32"})
