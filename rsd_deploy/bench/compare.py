@@ -8,6 +8,10 @@ has a deploy file (ONNX Runtime: ``RUN_DIR/deploy/model.onnx``, TensorRT:
 verified; the unfused model and the baseline are made here, with the settings the
 backend reads from it (opset, batch axis, engine profile, precision), into a
 temporary folder.
+
+:func:`bench_run` is four steps over one :class:`Bench` record: :func:`check_inputs`
+(everything a user can get wrong, before any slow work), :func:`build_models`,
+:func:`time_models` and :func:`result_record`.
 """
 
 from __future__ import annotations
@@ -146,6 +150,119 @@ def _analyse(batch: int, rounds: dict[str, list[list[float]]]) -> dict[str, Any]
     }
 
 
+@dataclass
+class Bench:
+    """One benchmark: its checked inputs, and what the steps made (models, timings)."""
+
+    run_dir: Path
+    backend_name: str
+    backend: ModuleType
+    device: str
+    sizes: list[int]
+    budget: Budget
+    threads: int
+    info: runs.RunInfo
+    deploy_dir: Path
+    spec: ArtifactSpec
+    baseline_dir: Path | None
+    subjects: dict[str, Subject] | None = None
+    model_info: dict[str, dict[str, Any]] | None = None
+    entries: list[dict[str, Any]] | None = None
+    timings: dict[str, Any] | None = None
+    settings: dict[str, Any] | None = None
+
+
+def check_inputs(run_dir: Path, backend: str, device: str | None, baseline: str | os.PathLike | None,
+                 deploy: str | os.PathLike | None, batch_sizes: str | Sequence[int], budget: Budget | None,
+                 threads: int | None) -> Bench:
+    """Check everything a user can get wrong before the slow work starts.
+
+    The deploy artifact (needs no backend library) and that it was made from the run's
+    current weights come before the backend itself (which says how to get it).
+    """
+    be = get_backend(backend)
+    device = _check_device(be, device)
+    sizes = parse_batch_sizes(batch_sizes)
+    budget = budget or Budget()
+    if threads is not None and threads < 1:
+        raise RSDError(f"{option('threads')} must be positive (got {threads})")
+    threads = threads or available_cores()
+    info = _read_training_run(run_dir)
+    deploy_dir = Path(deploy) if deploy is not None else run_dir / DEPLOY_DIR
+    spec = be.deployed(deploy_dir, info.input_shape, sizes)
+    if be.FILE is not None:
+        runs.check_made_from(deploy_dir, run_dir)
+    be.available(device).require()
+    baseline_dir = Path(baseline) if baseline is not None else None
+    return Bench(run_dir, backend, be, device, sizes, budget, threads, info, deploy_dir, spec, baseline_dir)
+
+
+def build_models(b: Bench) -> None:
+    """The three models in PyTorch, with their parameter and MAC counts."""
+    log.info(f"loading {b.run_dir} ({b.info.model}) and building the three models")
+    b.subjects = _subjects(b.run_dir, b.info, b.baseline_dir)
+    b.model_info = {
+        r: {"description": s.description, "params": count_params(s.module),
+            "macs_per_image": count_macs(s.module, b.info.input_shape)}
+        for r, s in b.subjects.items()
+    }
+
+
+def time_models(b: Bench) -> None:
+    """Make what the backend loads, load it, and time the three models at every batch size."""
+    be = b.backend
+    with tempfile.TemporaryDirectory(prefix="rsd-bench-") as tmp_name:
+        if be.FILE is not None:
+            log.info(f"making the unfused model and the baseline for {be.LABEL} ({b.spec.describe()})")
+        _make_artifacts(be, b.subjects, b.deploy_dir, Path(tmp_name), b.spec)
+        for r in ROLES:
+            b.model_info[r]["description"] = b.subjects[r].description
+        b.entries, b.timings = [], {}
+        with timing.torch_settings(b.threads, b.device):
+            runners = {r: be.load(s.artifact, device=b.device, precision=b.spec.precision, threads=b.threads)
+                       for r, s in b.subjects.items()}
+            b.settings = runners["fused"].settings()
+            for batch in b.sizes:
+                log.info(f"batch {batch}: timing {', '.join(ROLES)} in interleaved rounds")
+                timers = {r: timing.runner_timer(runners[r], batch, b.info.input_shape) for r in ROLES}
+                rounds = measure(timers, b.budget, label=f"batch {batch}")
+                entry = _analyse(batch, rounds)
+                b.entries.append(entry)
+                b.timings[str(batch)] = {r: [[round(t * 1e3, 5) for t in rnd] for rnd in rounds[r]] for r in ROLES}
+                log.info(f"batch {batch}: {entry['verdict']['text']}")
+
+
+def result_record(b: Bench) -> dict[str, Any]:
+    """``bench.json``'s content."""
+    spec, info = b.spec, b.info
+    profile = None
+    if spec.profile is not None:
+        profile = dict(zip(("min_batch", "opt_batch", "max_batch"), spec.profile, strict=True),
+                       precision=spec.precision)
+    return {
+        "schema": "rsd-deploy/bench/1",
+        "run_dir": str(b.run_dir),
+        "model": str(info.model),
+        "deploy_dir": str(b.deploy_dir) if b.backend.FILE is not None else None,
+        "input_size": info.input_size,
+        "in_channels": info.in_channels,
+        "num_classes": info.num_classes,
+        "backend": b.backend_name,
+        "device": b.device,
+        "threads": b.threads,
+        "precision": spec.precision,
+        "tensorrt_profile": profile,
+        "backend_settings": b.settings,
+        "budget": b.budget.to_json(),
+        "batch_sizes": b.sizes,
+        "models": b.model_info,
+        "results": b.entries,
+        "verdict": _overall(b.entries),
+        "machine": machine_info(b.threads),
+        "timings_unit": "ms",
+    }
+
+
 def bench_run(
     run_dir: str | os.PathLike,
     backend: str,
@@ -168,80 +285,10 @@ def bench_run(
     the returned dict is ``bench.json``'s content plus ``"files"``, the paths written.
     """
     run_dir = Path(run_dir)
-    be = get_backend(backend)
-    device = _check_device(be, device)
-    sizes = parse_batch_sizes(batch_sizes)
-    budget = budget or Budget()
-    if threads is not None and threads < 1:
-        raise RSDError(f"{option('threads')} must be positive (got {threads})")
-    threads = threads or available_cores()
-    info = _read_training_run(run_dir)
-    deploy_dir = Path(deploy) if deploy is not None else run_dir / DEPLOY_DIR
-    input_shape = info.input_shape
-
-    # Check everything a user can get wrong before the slow work starts: the deploy
-    # artifact (needs no backend library) and that it was made from the run's current
-    # weights, then the backend itself (says how to get it).
-    spec = be.deployed(deploy_dir, input_shape, sizes)
-    if be.FILE is not None:
-        runs.check_made_from(deploy_dir, run_dir)
-    be.available(device).require()
-    baseline_dir = Path(baseline) if baseline is not None else None
-
-    log.info(f"loading {run_dir} ({info.model}) and building the three models")
-    subjects = _subjects(run_dir, info, baseline_dir)
-    model_info = {
-        r: {"description": s.description, "params": count_params(s.module),
-            "macs_per_image": count_macs(s.module, input_shape)}
-        for r, s in subjects.items()
-    }
-
-    with tempfile.TemporaryDirectory(prefix="rsd-bench-") as tmp_name:
-        if be.FILE is not None:
-            log.info(f"making the unfused model and the baseline for {be.LABEL} ({spec.describe()})")
-        _make_artifacts(be, subjects, deploy_dir, Path(tmp_name), spec)
-        for r in ROLES:
-            model_info[r]["description"] = subjects[r].description
-
-        entries, timings = [], {}
-        with timing.torch_settings(threads, device):
-            runners = {r: be.load(s.artifact, device=device, precision=spec.precision, threads=threads)
-                       for r, s in subjects.items()}
-            settings = runners["fused"].settings()
-            for batch in sizes:
-                log.info(f"batch {batch}: timing {', '.join(ROLES)} in interleaved rounds")
-                timers = {r: timing.runner_timer(runners[r], batch, input_shape) for r in ROLES}
-                rounds = measure(timers, budget, label=f"batch {batch}")
-                entry = _analyse(batch, rounds)
-                entries.append(entry)
-                timings[str(batch)] = {r: [[round(t * 1e3, 5) for t in rnd] for rnd in rounds[r]] for r in ROLES}
-                log.info(f"batch {batch}: {entry['verdict']['text']}")
-
-    profile = None
-    if spec.profile is not None:
-        profile = dict(zip(("min_batch", "opt_batch", "max_batch"), spec.profile, strict=True), precision=spec.precision)
-    result = {
-        "schema": "rsd-deploy/bench/1",
-        "run_dir": str(run_dir),
-        "model": str(info.model),
-        "deploy_dir": str(deploy_dir) if be.FILE is not None else None,
-        "input_size": info.input_size,
-        "in_channels": info.in_channels,
-        "num_classes": info.num_classes,
-        "backend": backend,
-        "device": device,
-        "threads": threads,
-        "precision": spec.precision,
-        "tensorrt_profile": profile,
-        "backend_settings": settings,
-        "budget": budget.to_json(),
-        "batch_sizes": sizes,
-        "models": model_info,
-        "results": entries,
-        "verdict": _overall(entries),
-        "machine": machine_info(threads),
-        "timings_unit": "ms",
-    }
+    b = check_inputs(run_dir, backend, device, baseline, deploy, batch_sizes, budget, threads)
+    build_models(b)
+    time_models(b)
+    result = result_record(b)
     out_dir = Path(out) if out is not None else run_dir / BENCH_DIR
-    result["files"] = write_report(result, {"unit": "ms", "batches": timings}, out_dir)
+    result["files"] = write_report(result, {"unit": "ms", "batches": b.timings}, out_dir)
     return result
