@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -268,15 +269,35 @@ def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = 
         distributed.teardown(ctx)
 
 
-def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resume: bool,
-           progress_bar: bool, on_epoch_end: EpochCallback | None) -> Path:
-    say = log.info if ctx.is_main else (lambda *a: None)
+@dataclass
+class _Setup:
+    """What the epochs run on: data, model, step, optimizer, and where the run stands."""
+
+    train_ds: Dataset
+    val_loader: DataLoader
+    info: DataInfo
+    steps_per_epoch: int
+    model: nn.Module
+    step_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    run_info: RunInfo
+    start_epoch: int = 0
+    global_step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _open_run_dir(run_dir: Path, ctx: distributed.Context, resume: bool) -> None:
+    """Check (and sweep) the run directory on the main process; every rank waits for it."""
     if ctx.is_main:
         swept = _prepare_run_dir(run_dir, resume)
         if swept:
-            say(f"removed {len(swept)} temporary file(s) an interrupted run left in {run_dir}")
+            log.info(f"removed {len(swept)} temporary file(s) an interrupted run left in {run_dir}")
     distributed.barrier(ctx)
 
+
+def _load_data(config: TrainConfig, ctx: distributed.Context) -> tuple[Dataset, Dataset, DataInfo, int]:
+    """The (subset) training and validation sets, their description, and the steps per epoch."""
     if config.download and ctx.distributed and not ctx.is_main:
         distributed.barrier(ctx)  # let rank 0 fetch the files first
     train_ds, val_ds, info = load_datasets(
@@ -293,34 +314,57 @@ def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resu
             f"{len(train_ds)} training samples make no full batch of {config.batch_size} "
             f"x {ctx.world_size} process(es); lower {option('batch_size')}"
         )
+    return train_ds, val_ds, info, steps_per_epoch
 
+
+def _setup(config: TrainConfig, run_dir: Path, ctx: distributed.Context, resume: bool) -> _Setup:
+    """Data, model, step and optimizer; restored from the resume state, or saved as the start state."""
+    train_ds, val_ds, info, steps_per_epoch = _load_data(config, ctx)
     torch.manual_seed(config.seed)  # same initial weights on every rank
     form = "rsd" if config.method == "rsd" else "plain"
     model = models.create(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
                           form=form).to(ctx.device)
     step_fn: nn.Module = RSDStep(model, config.objective()) if config.method == "rsd" else CEStep(model)
-    step_fn = distributed.wrap(ctx, step_fn)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     # float16 needs gradient scaling; bfloat16 (the CPU's) has float32's range and does not.
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and ctx.device.type == "cuda")
-
-    start_epoch, global_step, history = 0, 0, []
+    val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size, shuffle=False,
+                            num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
+    setup = _Setup(train_ds, val_loader, info, steps_per_epoch, model, distributed.wrap(ctx, step_fn),
+                   optimizer, scaler, _run_info(config, info, form, ctx))
     if resume:
         state = checkpoint.load(run_dir, model=model, optimizer=optimizer, scaler=scaler)
-        start_epoch, global_step, history = state["epoch"], state["step"], state["history"]
-        say(f"resuming {run_dir} after epoch {start_epoch} (step {global_step})")
+        setup.start_epoch, setup.global_step, setup.history = state["epoch"], state["step"], state["history"]
+        if ctx.is_main:
+            log.info(f"resuming {run_dir} after epoch {setup.start_epoch} (step {setup.global_step})")
     elif ctx.is_main:  # the start state: a run killed before its first epoch ends can be resumed
         checkpoint.save(run_dir, epoch=0, step=0, model=model, optimizer=optimizer, scaler=scaler,
                         config=config.to_json(), history=[])
+    if ctx.is_main:
+        log.info(f"training {config.model} ({config.method}, {form} form) on {info.name}: "
+                 f"{len(train_ds)} images, {steps_per_epoch} steps/epoch, effective batch "
+                 f"{config.batch_size * ctx.world_size} ({ctx.world_size} "
+                 f"process{'es' if ctx.world_size > 1 else ''}), {ctx.device}")
+    return setup
 
-    val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size, shuffle=False,
-                            num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
-    run_info = _run_info(config, info, form, ctx)
-    effective = config.batch_size * ctx.world_size
-    say(f"training {config.model} ({config.method}, {form} form) on {info.name}: "
-        f"{len(train_ds)} images, {steps_per_epoch} steps/epoch, effective batch {effective} "
-        f"({ctx.world_size} process{'es' if ctx.world_size > 1 else ''}), {ctx.device}")
+
+def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resume: bool,
+           progress_bar: bool, on_epoch_end: EpochCallback | None) -> Path:
+    _open_run_dir(run_dir, ctx, resume)
+    setup = _setup(config, run_dir, ctx, resume)
+    return _epochs(config, run_dir, ctx, setup, progress_bar, on_epoch_end)
+
+
+def _epochs(config: TrainConfig, run_dir: Path, ctx: distributed.Context, setup: _Setup,
+            progress_bar: bool, on_epoch_end: EpochCallback | None) -> Path:
+    """Train from ``setup``'s epoch to the end (or ``max_steps``), committing every epoch."""
+    say = log.info if ctx.is_main else (lambda *a: None)
+    train_ds, val_loader, info, steps_per_epoch = (setup.train_ds, setup.val_loader, setup.info,
+                                                   setup.steps_per_epoch)
+    model, step_fn, optimizer, scaler = setup.model, setup.step_fn, setup.optimizer, setup.scaler
+    run_info, start_epoch, global_step, history = (setup.run_info, setup.start_epoch, setup.global_step,
+                                                   setup.history)
 
     ceiling = _max_entropy_loss(config, info.num_classes)
     trained = 0
