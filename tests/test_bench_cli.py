@@ -2,7 +2,7 @@
 
 Nothing here asserts a speed: timings on a shared CI machine prove nothing. The tests
 check that the right three models are timed and that the report is complete and
-consistent with its raw timings; the latency goals live in ``benchmarks/``.
+consistent with its per-round timings (timings.json); the latency goals live in ``benchmarks/``.
 """
 
 from __future__ import annotations
