@@ -8,8 +8,9 @@ models are untrained RSD runs (latency does not depend on weight values), export
 with ``rsd-deploy fuse-export`` (the library function behind it).
 
 Results: ``benchmarks/results/<machine>/<model>_<backend>_<device>/`` (bench.json,
-bench.md, bench.png, timings.json), ``summary.json`` and ``summary.md`` beside them,
-and the summary table in ``benchmarks/README.md``. Goals checked and recorded:
+bench.md, bench.png, timings.json), and ``summary.json`` and ``summary.md`` (the table
+and the goals) beside them; ``benchmarks/README.md`` links to the summaries and is
+never rewritten. Goals checked and recorded:
 unfused/fused >= 3x for resnet32 on ONNX Runtime CPU, and "no inference overhead"
 (fused/baseline interval within [0.97, 1.03] or below) everywhere.
 
@@ -20,7 +21,6 @@ unfused/fused >= 3x for resnet32 on ONNX Runtime CPU, and "no inference overhead
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import tempfile
 import time
@@ -148,7 +148,7 @@ def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minut
     gpu = f"{info['gpu']['name']} (driver {info['gpu']['driver']}), " if info.get("gpu") else ""
     v = info["versions"]
     lines = [
-        f"### {title}",
+        f"# Latency suite: {title}",
         "",
         f"{gpu}{info['cpu']}, {info['available_cores']} cores, {info['threads']} threads; "
         f"torch {v.get('torch')}, onnxruntime {v.get('onnxruntime-gpu') or v.get('onnxruntime')}"
@@ -181,17 +181,6 @@ def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minut
     return "\n".join(lines)
 
 
-def update_readme(readme: Path, key: str, section: str) -> None:
-    """Replace (or append) this machine's section of the summary in ``benchmarks/README.md``."""
-    begin, end = f"<!-- results:{key} -->", f"<!-- /results:{key} -->"
-    block = f"{begin}\n{section.rstrip()}\n{end}"
-    text = readme.read_text() if readme.is_file() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    with atomic_path(readme) as tmp:
-        tmp.write_text(text)
-
-
 # Main ---------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trial", action="store_true",
                    help="a check that the suite works: results go to <machine>-trial and are labelled so")
     p.add_argument("--results", type=Path, default=HERE / "results")
-    p.add_argument("--readme", type=Path, default=HERE / "README.md")
     args = p.parse_args(argv)
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
@@ -255,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     })
     with atomic_path(out_root / "summary.md") as tmp:
         tmp.write_text(md)
-    update_readme(args.readme, machine, md)
     print(md)
     return 0
 

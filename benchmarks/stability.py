@@ -11,7 +11,7 @@ learning-rate schedule and clipping; ``TrainConfig.lr_at``) and records at every
   zeros there (dead ReLU outputs);
 * the RMS of the BatchNorm weights of each stage.
 
-Writes ``stability.json`` (every step of every setting) and ``stability.md`` (a table at
+Writes ``stability.json`` (every step of every setting) and ``stability_table.md`` (a table at
 chosen steps and, per setting, the first step at which each quantity left its normal
 range) into ``--out``, and a PNG of the main curves.
 

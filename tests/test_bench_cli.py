@@ -2,7 +2,7 @@
 
 Nothing here asserts a speed: timings on a shared CI machine prove nothing. The tests
 check that the right three models are timed and that the report is complete and
-consistent with its raw timings; the latency goals live in ``benchmarks/``.
+consistent with its per-round timings (timings.json); the latency goals live in ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -69,25 +69,30 @@ def check_report(out: Path, backend: str, batches: list[int], iters: int) -> dic
     assert models["fused"]["macs_per_image"] == models["baseline"]["macs_per_image"]
     assert models["unfused"]["macs_per_image"] > 3 * models["fused"]["macs_per_image"]
 
+    # timings.json (compact): per round its calls and their median, and the percentiles
+    # 0..100 of all calls. With --iters every round is one call, kept as it is.
     timings = json.loads((out / "timings.json").read_text())
-    assert timings["unit"] == "ms"
+    assert timings["unit"] == "ms" and timings["schema"] == "rsd-deploy/bench-timings/2"
     assert [e["batch"] for e in report["results"]] == batches
     for entry in report["results"]:
         assert entry["rounds"] == iters
-        raw = timings["batches"][str(entry["batch"])]
+        raw = {r: t["median"] for r, t in timings["batches"][str(entry["batch"])].items()}
         for role in ("unfused", "fused", "baseline"):
             s = entry["models"][role]
             assert set(s) == STAT_KEYS
-            assert s["calls"] == iters and len(raw[role]) == iters
-            flat = np.concatenate(raw[role])
+            t = timings["batches"][str(entry["batch"])][role]
+            assert s["calls"] == iters and len(raw[role]) == iters and t["calls"] == [1] * iters
+            flat = np.asarray(raw[role])
             assert s["median_ms"] == pytest.approx(float(np.median(flat)), rel=1e-4)
+            assert s["median_ms"] == pytest.approx(t["percentiles"][50], rel=1e-4)
+            assert (t["percentiles"][0], t["percentiles"][100]) == pytest.approx((s["min_ms"], s["max_ms"]), rel=1e-4)
             assert s["min_ms"] <= s["median_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
             assert s["throughput_ips"] == pytest.approx(entry["batch"] / (s["median_ms"] / 1e3))
             ci = entry["median_ci_ms"][role]
             assert ci["lo"] <= s["median_ms"] <= ci["hi"]
         # Ratios are taken round by round (the models ran back to back), then the median.
         def paired(num, den, raw=raw):
-            return float(np.median([np.median(a) / np.median(b) for a, b in zip(raw[num], raw[den], strict=True)]))
+            return float(np.median([a / b for a, b in zip(raw[num], raw[den], strict=True)]))  # per-round medians
 
         fb, uf = entry["ratios"]["fused/baseline"], entry["ratios"]["unfused/fused"]
         assert fb["value"] == pytest.approx(paired("fused", "baseline"), rel=1e-4)
@@ -100,6 +105,19 @@ def check_report(out: Path, backend: str, batches: list[int], iters: int) -> dic
     md = (out / "bench.md").read_text()
     assert "| batch | model | median ms" in md and "unfused/fused" in md
     return report
+
+
+def test_compact_timings_keep_round_medians_and_percentiles():
+    from rsd_deploy.bench.report import compact_timings
+
+    rounds = {"unfused": [[3.0, 1.0, 2.0], [4.0]], "fused": [[1.0, 2.0], [2.5, 2.5, 9.0]]}
+    out = compact_timings({"unit": "ms", "batches": {"8": rounds}})
+    assert out["unit"] == "ms" and out["schema"] == "rsd-deploy/bench-timings/2"
+    fused = out["batches"]["8"]["fused"]
+    assert fused["calls"] == [2, 3] and fused["median"] == [1.5, 2.5]
+    assert len(fused["percentiles"]) == 101
+    assert fused["percentiles"][0] == 1.0 and fused["percentiles"][50] == 2.5 and fused["percentiles"][100] == 9.0
+    assert out["batches"]["8"]["unfused"]["median"] == [2.0, 4.0]
 
 
 def test_ort_end_to_end(rsd_run, tmp_path):

@@ -1,4 +1,4 @@
-"""Benchmark reports: the machine it ran on, and the result as JSON, Markdown and a PNG chart."""
+"""Benchmark reports: the machine it ran on, and the result as JSON, compact timings, Markdown and a PNG chart."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..io import atomic_path, write_json
@@ -190,14 +191,58 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
         fig.savefig(tmp, format="png", dpi=120)
 
 
+# Timings ---------------------------------------------------------------------------------
+
+TIMINGS_SCHEMA = "rsd-deploy/bench-timings/2"
+#: Percentile levels of all calls kept per model and batch size: 0, 1, ..., 100.
+TIMINGS_LEVELS = tuple(range(101))
+
+
+def _ms5(x: float) -> float:
+    return round(float(x), 5)  # 10 ns: the resolution the raw timings are taken to
+
+
+def compact_timings(timings: dict[str, Any]) -> dict[str, Any]:
+    """The per-call timings reduced to what a re-analysis needs, a few tens of KB at most.
+
+    ``timings`` is ``{"unit": "ms", "batches": {batch: {model: rounds}}}``, ``rounds``
+    one list of call times (ms) per round of the interleaved schedule. Kept per batch
+    size and model, in columns with one entry per round: the number of calls and their
+    median (the per-round ratios and their bootstrap intervals use exactly these); and
+    the percentiles 0, 1, ..., 100 of all its calls (min, quartiles, median, p90, p99,
+    max). A round of one call (``--iters``, or calls that take longer than a round)
+    keeps that call as it is.
+    """
+    batches = {}
+    for batch, per_model in timings["batches"].items():
+        batches[batch] = {}
+        for role, rounds in per_model.items():
+            calls = np.concatenate([np.asarray(r, dtype=np.float64) for r in rounds])
+            batches[batch][role] = {
+                "calls": [len(r) for r in rounds],
+                "median": [_ms5(np.median(r)) for r in rounds],
+                "percentiles": [_ms5(v) for v in np.percentile(calls, TIMINGS_LEVELS, method="linear")],
+            }
+    return {
+        "schema": TIMINGS_SCHEMA,
+        "unit": timings.get("unit", "ms"),
+        "layout": "batches[batch][model]: calls and median of each round of the interleaved schedule "
+                  "(one entry per round), percentiles 0, 1, ..., 100 of all its calls",
+        "batches": batches,
+    }
+
+
 def write_report(result: dict[str, Any], timings: dict[str, Any], out: str | os.PathLike) -> dict[str, str]:
-    """Write JSON, raw timings, Markdown and chart into ``out``; returns the paths written."""
+    """Write JSON, compact timings (:func:`compact_timings`), Markdown and chart into ``out``.
+
+    Returns the paths written.
+    """
     out = Path(out)
     paths = {k: str(out / f) for k, f in
              (("json", JSON_FILE), ("timings", TIMINGS_FILE), ("markdown", MARKDOWN_FILE), ("plot", PLOT_FILE))}
     write_json(paths["json"], result)
-    with atomic_path(paths["timings"]) as tmp:  # compact: it can hold many thousands of numbers
-        tmp.write_text(json.dumps(timings, separators=(",", ":")) + "\n")
+    with atomic_path(paths["timings"]) as tmp:
+        tmp.write_text(json.dumps(compact_timings(timings), separators=(",", ":")) + "\n")
     with atomic_path(paths["markdown"]) as tmp:
         tmp.write_text(markdown(result))
     plot(result, paths["plot"])
