@@ -117,6 +117,47 @@ def _logger(trt):
     return trt.Logger(trt.Logger.WARNING)
 
 
+def _parse_onnx(trt, builder, logger, onnx_path: str | os.PathLike, input_shape: tuple[int, int, int]):
+    """The network of ``onnx_path``, checked to take one ``(N, *input_shape)`` input and give one output."""
+    network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RSDError(f"TensorRT cannot parse {onnx_path}: {errors[:300]}")
+    if network.num_inputs != 1 or network.num_outputs != 1:
+        raise RSDError(f"{onnx_path} must have one input and one output for TensorRT")
+    dims = tuple(network.get_input(0).shape)
+    if tuple(dims[1:]) != tuple(input_shape):
+        raise RSDError(f"{onnx_path} takes input (N, {', '.join(map(str, dims[1:]))}), not (N, {input_shape})")
+    # The parser must outlive the network's use: it owns the weights the network refers to.
+    return network, parser
+
+
+def _add_profile(builder, config, network, onnx_path, input_shape: tuple[int, int, int],
+                 batches: tuple[int, int, int]) -> None:
+    """The batch profile ``(min, opt, max)``: a dynamic-batch input gets one; a fixed one must equal it."""
+    tensor = network.get_input(0)
+    fixed = tuple(tensor.shape)[0]
+    if fixed == -1:
+        profile = builder.create_optimization_profile()
+        profile.set_shape(tensor.name, *((b, *input_shape) for b in batches))
+        config.add_optimization_profile(profile)
+    elif batches != (fixed,) * 3:
+        raise RSDError(
+            f"{onnx_path} has a fixed batch of {fixed}: the engine profile must be "
+            f"({fixed}, {fixed}, {fixed}), not ({', '.join(map(str, batches))})"
+        )
+
+
+def _use_timing_cache(config, cache_path: Path | None) -> None:
+    """Start from the timing cache at ``cache_path`` when it exists and fits this TensorRT and GPU."""
+    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        # A cache from another TensorRT version or GPU: start from an empty one.
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
 def build_engine(
     onnx_path: str | os.PathLike,
     engine_path: str | os.PathLike,
@@ -144,45 +185,16 @@ def build_engine(
         )
     logger = _logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RSDError(f"TensorRT cannot parse {onnx_path}: {errors[:300]}")
-    if network.num_inputs != 1 or network.num_outputs != 1:
-        raise RSDError(f"{onnx_path} must have one input and one output for TensorRT")
-    tensor = network.get_input(0)
-    dims = tuple(tensor.shape)
-    if tuple(dims[1:]) != tuple(input_shape):
-        raise RSDError(f"{onnx_path} takes input (N, {', '.join(map(str, dims[1:]))}), not (N, {input_shape})")
+    network, _parser = _parse_onnx(trt, builder, logger, onnx_path, input_shape)
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     config.clear_flag(trt.BuilderFlag.TF32)
     if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
-    if dims[0] == -1:
-        profile = builder.create_optimization_profile()
-        profile.set_shape(
-            tensor.name,
-            (min_batch, *input_shape),
-            (opt_batch, *input_shape),
-            (max_batch, *input_shape),
-        )
-        config.add_optimization_profile(profile)
-    elif not min_batch == opt_batch == max_batch == dims[0]:
-        raise RSDError(
-            f"{onnx_path} has a fixed batch of {dims[0]}: the engine profile must be "
-            f"({dims[0]}, {dims[0]}, {dims[0]}), not ({min_batch}, {opt_batch}, {max_batch})"
-        )
-
+    _add_profile(builder, config, network, onnx_path, input_shape, (min_batch, opt_batch, max_batch))
     cache_path = Path(timing_cache) if timing_cache is not None else None
-    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        # A cache from another TensorRT version or GPU: start from an empty one.
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    _use_timing_cache(config, cache_path)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
