@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,19 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rsd_step_speed import make_step  # noqa: E402
 
+from rsd_deploy.bench.report import cpu_model  # noqa: E402
 from rsd_deploy.io import atomic_path, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_steps(model: str, batch: int, size: int, classes: int, repeats: int, warmup: int) -> dict:
@@ -130,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     result = {"benchmark": "amp_speed", "model": args.model, "batch_size": args.batch_size,
               "input_size": args.input_size, "threads": args.threads, "repeats": args.repeats,
-              "cpu": cpu_name(), "torch": torch.__version__,
+              "cpu": cpu_model(), "torch": torch.__version__,
               "steps": time_steps(args.model, args.batch_size, args.input_size, args.num_classes,
                                   args.repeats, args.warmup)}
     if args.train:
