@@ -27,6 +27,7 @@ from rsd_step_speed import make_step  # noqa: E402
 
 from rsd_deploy.bench.report import cpu_model  # noqa: E402
 from rsd_deploy.io import atomic_path, write_json  # noqa: E402
+from rsd_deploy.training.evaluation import cpu_has_bf16  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="amp_speed")
     args = p.parse_args(argv)
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not cpu_has_bf16():
         print("error: this CPU has no bfloat16 instructions", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)

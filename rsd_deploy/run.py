@@ -257,11 +257,6 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
     return RunInfo.read(run_dir)
 
 
-def build_model(info: RunInfo, form: str | None = None) -> nn.Module:
-    """The architecture ``info`` describes, in its own form or in ``form``."""
-    return info.build_model(form)
-
-
 def load_state(model: nn.Module, path: str | os.PathLike, what: str = "") -> None:
     """Load safetensors weights into ``model`` strictly; any mismatch is an :class:`RSDError`."""
     state = load_tensors(path)
@@ -305,6 +300,8 @@ def check_made_from(deploy_dir: str | os.PathLike, run_dir: str | os.PathLike) -
     hint = f"re-export it with fuse_export from {run_dir}"
     if info.source is None:
         raise RSDError(f"{deploy_dir / RUN_FILE} records no sha256 of the weights it was exported from; {hint}")
+    if not (run_dir / WEIGHTS_FILE).is_file():
+        raise RSDError(f"weights file {run_dir / WEIGHTS_FILE} not found")
     current = sha256_file(run_dir / WEIGHTS_FILE)
     if info.source.weights_sha256 != current:
         raise RSDError(

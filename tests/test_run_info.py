@@ -286,3 +286,42 @@ def test_cli_defaults_are_the_dataclasses_defaults():
                 assert param.default == expected, (command, param.name)
     train_help = CliRunner().invoke(main, ["train", "--help"]).output
     assert "ce_student,ce_teacher" in train_help and "[default: resnet20]" in train_help
+
+
+def test_bench_of_a_run_without_weights_is_one_line(runs):
+    """bench hashed RUN_DIR/model.safetensors for provenance before loading the run: no weights
+    file gave a FileNotFoundError traceback."""
+    run_dir = untrained_run(runs, "resnet20", seed=8, dirname="no-weights")
+    (run_dir / WEIGHTS_FILE).unlink()
+    one_line_error(bench(run_dir, "--ort", *FAST), f"weights file {run_dir / WEIGHTS_FILE} not found")
+
+
+def test_export_of_a_deploy_form_run_records_only_its_own_artifacts(runs, tmp_path):
+    """The deploy record copied the source's onnx/tensorrt entries: exporting an export without
+    TensorRT claimed an engine profile for a folder with no engine."""
+    run_dir = untrained_run(runs, "resnet20", seed=9, dirname="engine-claimed")
+    record_engine(run_dir / "deploy", {"min_batch": 1, "opt_batch": 2, "max_batch": 2, "precision": "fp32"})
+    out = tmp_path / "again"
+    fuse_export(run_dir / "deploy", ExportOptions(samples=4, out=str(out)))
+    again = read_run(out)
+    assert again.tensorrt is None and again.onnx is None
+    assert not (out / "model.engine").exists()
+
+
+def test_an_earlier_versions_export_may_be_replaced(runs, tmp_path):
+    """--out holding an export whose record no longer reads as a RunInfo (an old export
+    without a sha256) was refused as a training run's folder."""
+    run_dir = untrained_run(runs, "resnet20", seed=10, dirname="old-export-out")
+    out = tmp_path / "old-export"
+    out.mkdir()
+    (out / RUN_FILE).write_text(json.dumps({"model": "resnet20", "form": "deploy",
+                                            "source": {"weights": "x"}, "input_size": "not read"}))
+    fuse_export(run_dir, ExportOptions(samples=4, out=str(out)))
+    assert read_run(out).source.weights_sha256 == sha256_file(run_dir / WEIGHTS_FILE)
+    # A record that is no export's, readable or not, is still refused.
+    for data in ({"model": "resnet20", "form": "rsd"}, {"no": "record"}):
+        other = tmp_path / f"held-{len(data)}"
+        other.mkdir()
+        (other / RUN_FILE).write_text(json.dumps(data))
+        with pytest.raises(RSDError, match="holds a training run"):
+            fuse_export(run_dir, ExportOptions(samples=4, out=str(other)))

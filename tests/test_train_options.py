@@ -13,7 +13,7 @@ from rsd_deploy import models
 from rsd_deploy.blocks import RSDConv
 from rsd_deploy.errors import RSDError
 from rsd_deploy.io import load_tensors
-from rsd_deploy.training import TrainConfig, checkpoint, train
+from rsd_deploy.training import TrainConfig, checkpoint, evaluation, train
 from rsd_deploy.training.loop import _collapse, _max_entropy_loss
 from rsd_deploy.training.precise_bn import update_bn_stats
 
@@ -240,7 +240,7 @@ def test_guard_can_be_turned_off(tmp_path):
 
 # Mixed precision on the CPU ----------------------------------------------------------------
 
-HAS_CPU_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+HAS_CPU_BF16 = evaluation.cpu_has_bf16()
 
 
 @pytest.mark.skipif(not HAS_CPU_BF16, reason="this CPU has no bfloat16 instructions")
@@ -268,7 +268,7 @@ def test_amp_on_cpu_trains_in_bfloat16_close_to_float32(tmp_path):
 
 
 def test_amp_on_a_cpu_without_bfloat16_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    monkeypatch.setattr(evaluation, "cpu_has_bf16", lambda: False)
     with pytest.raises(RSDError, match="bfloat16 instructions"):
         train(_config(amp=True), out=tmp_path / "run")
     assert not (tmp_path / "run").exists()

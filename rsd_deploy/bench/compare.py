@@ -74,7 +74,7 @@ def _check_device(backend: ModuleType, device: str | None) -> str:
     return device
 
 
-def _read_training_run(run_dir: Path) -> dict[str, Any]:
+def _read_training_run(run_dir: Path) -> runs.RunInfo:
     info = runs.read_run(run_dir)
     if info.form != "rsd":
         raise RSDError(

@@ -133,12 +133,24 @@ def refuse_run_folder(out: Path, run_dir: Path) -> None:
             info = RunInfo.read(out)
         except RSDError:
             info = None
-        if info is None or not info.is_export:
-            held.insert(0, f"{RUN_FILE} of a {info.form!r}-form run" if info is not None
-                        else f"a {RUN_FILE} that is not an export's")
+        if info is None:  # unreadable as a record: an earlier export's still counts as one
+            if not _raw_export_record(out / RUN_FILE):
+                held.insert(0, f"a {RUN_FILE} that is not an export's")
+        elif not info.is_export:
+            held.insert(0, f"{RUN_FILE} of a {info.form!r}-form run")
     if held:
         raise RSDError(f"{option('out')} {out} holds a training run ({', '.join(held)}): the export would "
                        f"replace its weights; {hint}")
+
+
+def _raw_export_record(path: Path) -> bool:
+    """Whether ``path`` is a JSON object with ``form`` "deploy" and a ``source``: an export's
+    record, even one written by a version whose record no longer reads as a :class:`RunInfo`."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("form") == "deploy" and "source" in data
 
 
 def fuse(ex: Export) -> None:
@@ -181,7 +193,8 @@ def write_deploy_weights(ex: Export) -> None:
     load_state(plain, path, f"architecture {ex.name!r} (deploy form)")
     ex.check(parity("deploy weights reloaded", ex.ref_fused, torch_logits(plain, ex.x),
                     Tolerance(0.0, 0.0), batch=len(ex.x)))
-    ex.deploy = ex.info.replace(form="deploy", weights_sha256=sha256_file(path),
+    # A deploy-form source's onnx/tensorrt entries describe its files, not this export's.
+    ex.deploy = ex.info.replace(form="deploy", weights_sha256=sha256_file(path), onnx=None, tensorrt=None,
                                 source=Source(ex.source_sha, str(ex.run_dir.resolve()), ex.info.form))
     metadata = onnx_metadata(ex.info, "deploy", ex.source_sha)
     for key in ("classes", "mean", "std"):

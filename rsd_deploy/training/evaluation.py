@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,13 +44,28 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, *,
     return {"top1": correct1 / total, "top5": correct5 / total, "loss": loss_sum / total}
 
 
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bfloat16 instructions (AVX512-BF16 or AMX-BF16).
+
+    Read from Linux's CPU flags: oneDNN's own check also accepts plain AVX-512, where
+    bfloat16 is emulated and slower than float32. Elsewhere, oneDNN's check.
+    """
+    try:
+        flags = {f for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    except OSError:
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check is not None and check())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 def amp_dtype(device: torch.device) -> torch.dtype:
     """The autocast dtype of ``amp`` on ``device``: float16 on CUDA (with gradient
     scaling), bfloat16 on a CPU with bfloat16 instructions; an :class:`RSDError` elsewhere."""
     if device.type == "cuda":
         return torch.float16
     if device.type == "cpu":
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if not cpu_has_bf16():
             raise RSDError("mixed precision on the CPU needs bfloat16 instructions "
                            "(AVX512-BF16 or AMX), which this CPU lacks")
         return torch.bfloat16
