@@ -63,7 +63,8 @@ def _as_flags(message: str, command: click.Command | None, group: click.Group) -
     known.update({k.removeprefix("use_"): v for k, v in known.items() if k.startswith("use_")})
     message = OPTION.sub(lambda m: known.get(m.group(1), m.group(1)), message)
     for function, cli in _COMMANDS.items():
-        message = re.sub(rf"\b{function}\b", cli, message)
+        # As a word of prose only: not inside a path or file name (runs/fuse_export/x).
+        message = re.sub(rf"(?<![\w/.\\-]){function}(?![\w/.\\-])", cli, message)
     return message
 
 

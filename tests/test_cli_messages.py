@@ -21,6 +21,11 @@ def test_options_become_the_commands_flags():
     assert _as_flags(f"{option('resume')} needs {option('out')}", train, main) == "--resume needs --out"
     assert _as_flags(f"no {option('source_sha')} here", None, main) == "no source_sha here"
     assert _as_flags("the `rsd-deploy` text is left alone", train, main) == "the `rsd-deploy` text is left alone"
+    # A path or file name that contains the function's name is not rewritten.
+    path_msg = "weights file runs/fuse_export/model.safetensors not found; see x-fuse_export.log"
+    assert _as_flags(path_msg, train, main) == path_msg
+    assert _as_flags("re-export it with fuse_export from runs/a", bench, main) == \
+        "re-export it with rsd-deploy fuse-export from runs/a"
 
 
 def test_an_error_is_one_line_with_flags(monkeypatch):
