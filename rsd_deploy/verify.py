@@ -26,6 +26,7 @@ from .errors import RSDError
 
 if TYPE_CHECKING:
     from .backends import Runner
+    from .data import DataInfo
 
 
 @dataclass(frozen=True)
@@ -122,32 +123,30 @@ def tile_batch(x: Tensor, n: int) -> Tensor:
 
 
 def verification_inputs(
-    meta: Mapping[str, Any],
+    data: DataInfo | None,
+    input_shape: tuple[int, int, int],
     n: int,
     *,
     seed: int = 0,
 ) -> tuple[Tensor, str]:
-    """``n`` inputs for the parity checks and where they came from.
+    """``n`` inputs of ``(C, H, W)`` = ``input_shape`` for the parity checks, and where they came from.
 
-    Real validation images (with the run's own preprocessing) when ``meta["data"]``
-    describes a data set available here; otherwise fixed standard-normal inputs,
-    which is what normalized images look like to the network.
+    Real validation images (with the run's own preprocessing) when ``data`` describes a
+    data set available here; otherwise fixed standard-normal inputs, which is what
+    normalized images look like to the network.
     """
-    from .data import DataInfo, eval_dataset, first_batch
+    from .data import eval_dataset, first_batch
 
     if n < 1:
         raise RSDError(f"the number of verification samples must be positive (got {n})")
-    data = meta.get("data")
-    if isinstance(data, Mapping):
+    if data is not None:
         try:
-            info = DataInfo.from_json(dict(data))
-            ds = eval_dataset(info)
+            ds = eval_dataset(data)
             if len(ds) > 0:
                 x, _ = first_batch(ds, min(n, len(ds)))
-                return x, f"{len(x)} validation images of {info.name} ({info.dir or 'built-in'})"
+                return x, f"{len(x)} validation images of {data.name} ({data.dir or 'built-in'})"
         except (RSDError, TypeError, OSError):
             pass
-    h, w = (int(v) for v in meta["input_size"])
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, int(meta["in_channels"]), h, w, generator=g)
+    x = torch.randn(n, *input_shape, generator=g)
     return x, f"{n} fixed random inputs (seed {seed}; the run's data set is not available)"

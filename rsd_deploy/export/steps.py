@@ -176,7 +176,7 @@ def plan(opts: ExportOptions) -> list[Step]:
 
 def verify_pytorch(ex: Export) -> None:
     """PyTorch parity, fused against unfused, on the verification inputs."""
-    ex.x, inputs = verification_inputs(ex.info.to_json(), ex.opts.samples)
+    ex.x, inputs = verification_inputs(ex.info.data, ex.info.input_shape, ex.opts.samples)
     ex.report["verification_inputs"] = inputs
     log.info(f"verifying in PyTorch on {inputs}")
     ex.ref_unfused = torch_logits(ex.model, ex.x)
