@@ -248,19 +248,18 @@ def test_amp_on_cpu_trains_in_bfloat16_close_to_float32(tmp_path):
     """--amp on a CPU with bf16 units: the step runs in bfloat16 (its first step's loss differs
     from float32's, by bfloat16's resolution, not more), the weights stay float32."""
     seen: list[torch.dtype] = []
-    runs = {}
+    loss = {}
     for amp in (False, True):
         config = _config(amp=amp, epochs=1, max_steps=1, method="rsd", precise_bn=0)
         # Every convolution's output dtype, seen by a global forward hook during the step.
         handle = torch.nn.modules.module.register_module_forward_hook(
             lambda m, i, o, amp=amp: seen.append(o.dtype) if isinstance(m, nn.Conv2d) and amp else None)
         try:
-            runs[amp] = train(config, out=tmp_path / f"amp{amp}")
+            run = train(config, out=tmp_path / f"amp{amp}")
         finally:
             handle.remove()
+        loss[amp] = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert torch.bfloat16 in seen  # (a setup forward outside the step may run in float32)
-    loss = {amp: json.loads((tmp_path / f"amp{amp}" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-            for amp in runs}
     assert loss[True] != loss[False]
     assert loss[True] == pytest.approx(loss[False], rel=2e-2)
     state = load_tensors(tmp_path / "ampTrue" / "model.safetensors")
