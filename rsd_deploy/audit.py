@@ -1,7 +1,9 @@
 """Graph audit: does an exported ONNX graph hold exactly the plain architecture?
 
-The reference is the architecture's own deploy form (``models.create(name,
-form="deploy")``) exported the same way (same opset, same batch axis). A fused
+The reference is the architecture's own deploy form (:meth:`RunInfo.build_model
+<rsd_deploy.run.RunInfo.build_model>` with ``form="deploy"``: the zoo's plain network
+with convs carrying bias, or a torchvision/timm model with every conv+BN pair folded)
+exported the same way (same opset, same batch axis). A fused
 graph must have as many Conv nodes as the reference, no BatchNormalization node,
 and no Add node beyond the reference's. The reference's Adds are the
 architecture's own: residual additions, and, in pre-activation networks such as
@@ -15,7 +17,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from . import models
+from torch import nn
+
 from .onnx import export_onnx
 
 #: Operators whose count depends on weight values rather than on the architecture:
@@ -35,16 +38,13 @@ def op_histogram(model: Any) -> dict[str, int]:
 
 
 def reference_histogram(
-    name: str,
+    model: nn.Module,
     *,
-    num_classes: int,
-    in_channels: int,
     input_shape: tuple[int, int, int],
     opset: int,
     batch: int | None,
 ) -> dict[str, int]:
-    """Operator counts of architecture ``name``'s deploy form, exported like the audited graph."""
-    model = models.create(name, num_classes=num_classes, in_channels=in_channels, form="deploy")
+    """Operator counts of ``model`` (an architecture's deploy form), exported like the audited graph."""
     with tempfile.TemporaryDirectory(prefix="rsd-audit-") as tmp:
         path = Path(tmp) / "reference.onnx"
         export_onnx(model, path, input_shape=input_shape, batch=batch, opset=opset)

@@ -212,6 +212,25 @@ def _imagefolder_stats(root: Path, in_channels: int, limit: int = 5000) -> tuple
     return mean.round(4).tolist(), std.round(4).tolist()
 
 
+def native_size(name: str, data_dir: str | os.PathLike | None) -> int:
+    """The side of the data set's own images: what a model without its own input size is fed.
+
+    digits: 16 (its 8x8 images, doubled); CIFAR: 32; an image folder: the shorter side
+    of its first training image.
+    """
+    if name == "digits":
+        return 16
+    if name in ("cifar10", "cifar100"):
+        return 32
+    if data_dir is None:
+        raise RSDError(f"{option('data')} {name} needs {option('data_dir')}")
+    train = Path(data_dir).expanduser() / "train"
+    first = next((p for p in sorted(train.glob("*/*")) if p.is_file()), None) if train.is_dir() else None
+    if first is None:
+        raise RSDError(f"{train} holds no images (expected train/CLASS/IMAGE files)")
+    return min(load_image(first, "RGB").size)
+
+
 def load_datasets(
     name: str,
     data_dir: str | os.PathLike | None = None,

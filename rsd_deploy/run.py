@@ -5,9 +5,10 @@ says how to rebuild the model and where it came from. Training writes it, fuse-e
 writes one for the deploy folder, eval and bench read them: all through
 :class:`RunInfo`, the only reader and writer of ``run.json``.
 
-Adding a model source (``torchvision:NAME``, ``timm:NAME``) is one entry in
-:data:`SOURCES`: the record names a model as ``[KIND:]NAME``, a bare name being a zoo
-model. Changing the record's layout means raising :data:`SCHEMA_VERSION` and teaching
+Model sources are the entries of :data:`SOURCES` (the zoo, ``torchvision:NAME``,
+``timm:NAME``; a new one is one entry): the record names a model as ``[KIND:]NAME``, a
+bare name being a zoo model. A restructured model's record holds its restructuring
+(``"restructure"``), which rebuilds its RSD form. Changing the record's layout means raising :data:`SCHEMA_VERSION` and teaching
 :func:`_migrate` to bring older files up to it, so runs made before keep working.
 
 ``run.json`` (version 2)::
@@ -26,6 +27,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -36,6 +38,7 @@ from .blocks import FORMS
 from .data import DataInfo, is_count, is_names, is_numbers, is_size
 from .errors import RSDError
 from .io import json_text, load_tensors, read_json, save_tensors, sha256_file, write_json
+from .models import external
 from .schema import Rule, fields_json, from_mapping
 
 WEIGHTS_FILE = "model.safetensors"
@@ -47,14 +50,31 @@ SCHEMA_VERSION = 2  #: 1: the files written before the version key (read and mig
 
 
 class SourceKind(NamedTuple):
-    """How to check a model name of one kind and how to build the model."""
+    """How to check a model name of one kind, build the model, and where it may be mixed."""
 
     check: Callable[[str], Any]  #: raises RSDError for an unknown name
-    create: Callable[..., nn.Module]  #: (name, *, num_classes, in_channels, form) -> module
+    #: (name, *, num_classes, in_channels, form, restructured) -> module; ``restructured``
+    #: is the record of a restructuring to repeat (None for the zoo, whose RSD form is native)
+    create: Callable[..., nn.Module]
+    input_size: Callable[[str], int | None]  #: the architecture's own input side (None: the data's)
+    #: (name, model, input side) -> default mix points, or None when the kind knows none
+    mix_points: Callable[[str, nn.Module, int], list[str] | None]
 
 
-#: Model sources by kind. A new kind (torchvision, timm) is one entry here.
-SOURCES: dict[str, SourceKind] = {"zoo": SourceKind(models.get_spec, models.create)}
+def _zoo_create(name: str, *, restructured: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+    if restructured is not None:
+        raise RSDError(f"zoo model {name!r} has its own RSD form; it is not restructured")
+    return models.create(name, **kwargs)
+
+
+#: Model sources by kind. A new kind is one entry here.
+SOURCES: dict[str, SourceKind] = {
+    "zoo": SourceKind(models.get_spec, _zoo_create, lambda n: models.get_spec(n).input_size,
+                      lambda n, m, s: list(m.mix_points)),
+    **{kind: SourceKind(partial(external.check, kind), partial(external.create, kind), lambda n: None,
+                        partial(external.default_mix_points, kind))
+       for kind in external.KINDS},
+}
 DEFAULT_KIND = "zoo"
 
 
@@ -85,8 +105,22 @@ class ModelSource:
 
     __str__ = to_json
 
-    def create(self, *, num_classes: int, in_channels: int, form: str) -> nn.Module:
-        return SOURCES[self.kind].create(self.name, num_classes=num_classes, in_channels=in_channels, form=form)
+    @property
+    def spec(self) -> SourceKind:
+        return SOURCES[self.kind]
+
+    def create(self, *, num_classes: int, in_channels: int, form: str,
+               restructured: dict[str, Any] | None = None) -> nn.Module:
+        """The architecture in ``form``; ``restructured`` repeats a recorded restructuring."""
+        return self.spec.create(self.name, num_classes=num_classes, in_channels=in_channels, form=form,
+                                restructured=restructured)
+
+    def input_size(self) -> int | None:
+        """The architecture's own input side, or None when it takes the data's."""
+        return self.spec.input_size(self.name)
+
+    def default_mix_points(self, model: nn.Module, input_size: int) -> list[str] | None:
+        return self.spec.mix_points(self.name, model, input_size)
 
 
 # The record ----------------------------------------------------------------------------------
@@ -147,6 +181,8 @@ class RunInfo:
     source: Source | None = None  #: exports: the weights they were made from
     onnx: OnnxInfo | None = None
     tensorrt: TensorRTProfile | None = None
+    #: models restructured from another library: the restructuring (options, pairs, report)
+    restructure: dict[str, Any] | None = None
     version: int = SCHEMA_VERSION
 
     @classmethod
@@ -198,7 +234,7 @@ class RunInfo:
     def build_model(self, form: str | None = None) -> nn.Module:
         """The architecture, in its own form or in ``form``, with fresh weights."""
         return self.model.create(num_classes=self.num_classes, in_channels=self.in_channels,
-                                 form=form or self.form)
+                                 form=form or self.form, restructured=self.restructure)
 
 
 #: Tests of the raw values, with the words of the messages (run before the types are checked).

@@ -78,7 +78,7 @@ def test_audit_rules():
 
 
 def test_reference_histogram_is_the_plain_architecture(tmp_path):
-    hist = reference_histogram("resnet20", num_classes=10, in_channels=3,
+    hist = reference_histogram(models.create("resnet20", num_classes=10, form="deploy"),
                                input_shape=(3, 16, 16), opset=17, batch=None)
     assert hist["Conv"] == 21  # 19 3x3 convs + 2 projection shortcuts
     assert hist["Add"] == 9  # one residual add per basic block

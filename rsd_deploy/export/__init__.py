@@ -7,7 +7,7 @@ exists under its final name, as a list of steps (:mod:`.steps`):
 2. PyTorch parity, fused against unfused, on real validation images when the
    run's data set is here (fixed random inputs otherwise);
 3. fused weights (safetensors) and a deploy ``run.json``, reloaded strictly into
-   ``models.create(name, form="deploy")`` and checked to give identical logits;
+   the architecture's deploy form and checked to give identical logits;
 4. ONNX (``onnx.checker`` full check) with metadata for the deploying side;
 5. graph audit against the plain architecture (:mod:`rsd_deploy.audit`);
 6. ONNX Runtime parity at batch 1 and at a larger batch;

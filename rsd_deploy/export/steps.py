@@ -219,15 +219,15 @@ def audit_graph(ex: Export) -> None:
     log.info("auditing the graph against the plain architecture")
     info = ex.info
     ex.graph = op_histogram(ex.stage / ONNX_FILE)
-    reference = reference_histogram(
-        ex.name, num_classes=info.num_classes, in_channels=info.in_channels,
-        input_shape=info.input_shape, opset=ex.opts.opset, batch=ex.opts.batch)
+    reference = reference_histogram(info.build_model(form="deploy").eval(), input_shape=info.input_shape,
+                                    opset=ex.opts.opset, batch=ex.opts.batch)
     result = audit(ex.graph, reference)
     ex.report["audit"] = {
         "fused": ex.graph,
         "reference": reference,
         **result,
-        "note": "reference: models.create(name, form='deploy') exported the same way; "
+        "note": "reference: the architecture's deploy form (zoo: form='deploy'; torchvision/timm: "
+                "the original with every conv+BN pair folded) exported the same way; "
                 "its Add nodes are the architecture's own (residual additions, and the "
                 "shift of standalone BNs kept as per-channel affines in pre-activation "
                 "nets such as DenseNet, which also add one Mul each)",

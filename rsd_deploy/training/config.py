@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import models
-from ..data import DATASETS
+from ..data import DATASETS, native_size
 from ..errors import RSDError, option
+from ..run import ModelSource
 from ..schema import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Rule, check_values, from_mapping
 from .rsd import LOSS_TERMS, RSDObjective
 
@@ -31,13 +31,20 @@ class TrainConfig:
     """Everything a training run depends on; recorded in full in ``run.json``."""
 
     # What to train, on what.
+    #: ``NAME`` (the zoo), ``torchvision:NAME`` or ``timm:NAME`` (restructured for RSD)
     model: str = "resnet20"
     method: str = "rsd"  #: "rsd" (multi-branch form, RSD loss) or "baseline" (plain form, CE)
     data: str = "digits"
     data_dir: str | None = None
     download: bool = False
-    #: Input side; None: the model's own (32 for the CIFAR family), 16 for digits (8x8 images).
+    #: Input side; None: 16 for digits (8x8 images), else the zoo model's own (32 for the
+    #: CIFAR family), or for torchvision/timm models the data's own image side.
     input_size: int | None = None
+    #: Modules whose outputs RSD mixes; None: the model's (zoo) or its family's defaults.
+    mix_points: list[str] | None = None
+    #: safetensors state dict of the plain model to start from (torchvision/timm models); the
+    #: RSD form starts equivalent to it (each pair's conv and BN in one branch).
+    init_weights: str | None = None
     train_samples: int | None = None  #: train on an evenly spread subset of this size (smoke runs)
     val_samples: int | None = None  #: validate on an evenly spread subset of this size (smoke runs)
     # Schedule: SGD with momentum; "step" multiplies the lr by lr_gamma at each milestone
@@ -76,7 +83,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every value; raises :class:`RSDError` naming the first bad one."""
-        models.get_spec(self.model)  # unknown model -> RSDError listing the known ones
+        source = self.source()  # unknown model -> RSDError saying where the known ones are
         _choice("method", self.method, METHODS)
         _choice("data", self.data, DATASETS)
         _choice("device", self.device, DEVICES)
@@ -85,7 +92,16 @@ class TrainConfig:
         if self.alpha == 0 and self.beta == 0:
             raise RSDError(f"{option('alpha')} and {option('beta')} cannot both be 0 (the loss would be 0)")
         if self.input_size is not None:
-            _check_input_size(self.model, self.input_size)
+            _check_input_size(source, self.input_size)
+        if self.mix_points is not None and (not self.mix_points or not all(
+                isinstance(p, str) and p for p in self.mix_points)):
+            raise RSDError(f"{option('mix_points')} must name modules (got {self.mix_points})")
+        if self.init_weights is not None:
+            if source.kind == "zoo":
+                raise RSDError(f"{option('init_weights')} starts torchvision or timm models; zoo runs "
+                               f"continue with {option('resume')}")
+            if not Path(self.init_weights).is_file():
+                raise RSDError(f"{option('init_weights')} {self.init_weights} not found")
         if sorted(self.lr_milestones) != list(self.lr_milestones) or any(
             m < 1 for m in self.lr_milestones
         ):
@@ -103,10 +119,15 @@ class TrainConfig:
             detach_teacher=self.detach_teacher,
         )
 
+    def source(self) -> ModelSource:
+        return ModelSource.from_json(self.model)
+
     def resolved_input_size(self) -> int:
         if self.input_size is not None:
             return self.input_size
-        return 16 if self.data == "digits" else models.get_spec(self.model).input_size
+        if self.data == "digits":
+            return 16
+        return self.source().input_size() or native_size(self.data, self.data_dir)
 
     def lr_at(self, epoch: int, step: int = 0, steps_per_epoch: int = 1) -> float:
         """Learning rate of optimizer step ``step`` (0-based) of the 0-based ``epoch``.
@@ -152,7 +173,7 @@ _RANGES: dict[str, Rule] = {
 }
 
 
-def _check_input_size(model: str, size: int) -> None:
+def _check_input_size(source: ModelSource, size: int) -> None:
     """Refuse an input side the architecture cannot take (its pooling would leave nothing).
 
     The check runs the plain architecture on the meta device: shapes only, no memory, no maths.
@@ -160,20 +181,20 @@ def _check_input_size(model: str, size: int) -> None:
     import torch
 
     with torch.device("meta"):
-        net = models.create(model, num_classes=2, form="deploy").eval()
+        net = source.create(num_classes=2, in_channels=3, form="plain").eval()
 
     def fits(side: int) -> bool:
         try:
             with torch.no_grad():
                 net(torch.empty(2, 3, side, side, device="meta"))
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             return False
         return True
 
     if not fits(size):
-        largest = models.get_spec(model).input_size
+        largest = source.input_size() or 256
         smallest = next((s for s in range(size + 1, largest) if fits(s)), largest)
-        raise RSDError(f"{option('input_size')} {size} is too small for {model} (it needs at least {smallest})")
+        raise RSDError(f"{option('input_size')} {size} is too small for {source} (it needs at least {smallest})")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

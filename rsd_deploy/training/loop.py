@@ -29,11 +29,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .. import __version__, models
+from .. import __version__
 from ..data import DataInfo, load_datasets
 from ..errors import RSDError, option
 from ..io import DirLock, atomic_path, atomic_paths, remove_stale_temps, sha256_file, write_tensors
-from ..run import RUN_FILE, WEIGHTS_FILE, ModelSource, Normalization, RunInfo
+from ..restructure import restructure
+from ..run import RUN_FILE, WEIGHTS_FILE, ModelSource, Normalization, RunInfo, load_state
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .evaluation import amp_dtype, autocast, evaluate
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 def default_run_dir(config: TrainConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.model}-{config.method}-{config.data}-{stamp}"
+    return Path("runs") / f"{config.model.replace(':', '-')}-{config.method}-{config.data}-{stamp}"
 
 
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -322,9 +323,11 @@ def _setup(config: TrainConfig, run_dir: Path, ctx: distributed.Context, resume:
     train_ds, val_ds, info, steps_per_epoch = _load_data(config, ctx)
     torch.manual_seed(config.seed)  # same initial weights on every rank
     form = "rsd" if config.method == "rsd" else "plain"
-    model = models.create(config.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                          form=form).to(ctx.device)
-    step_fn: nn.Module = RSDStep(model, config.objective()) if config.method == "rsd" else CEStep(model)
+    model, restructured = _build_model(config, info, form, ctx.is_main)
+    model = model.to(ctx.device)
+    points = _mix_points(config, model, info) if form == "rsd" and config.mixture else None
+    step_fn: nn.Module = (RSDStep(model, config.objective(), mix_points=points) if config.method == "rsd"
+                          else CEStep(model))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     # float16 needs gradient scaling; bfloat16 (the CPU's) has float32's range and does not.
@@ -332,7 +335,7 @@ def _setup(config: TrainConfig, run_dir: Path, ctx: distributed.Context, resume:
     val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size, shuffle=False,
                             num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
     setup = _Setup(train_ds, val_loader, info, steps_per_epoch, model, distributed.wrap(ctx, step_fn),
-                   optimizer, scaler, _run_info(config, info, form, ctx))
+                   optimizer, scaler, _run_info(config, info, form, ctx, restructured, points))
     if resume:
         state = checkpoint.load(run_dir, model=model, optimizer=optimizer, scaler=scaler)
         setup.start_epoch, setup.global_step, setup.history = state["epoch"], state["step"], state["history"]
@@ -347,6 +350,38 @@ def _setup(config: TrainConfig, run_dir: Path, ctx: distributed.Context, resume:
                  f"{config.batch_size * ctx.world_size} ({ctx.world_size} "
                  f"process{'es' if ctx.world_size > 1 else ''}), {ctx.device}")
     return setup
+
+
+def _build_model(config: TrainConfig, info: DataInfo, form: str, say: bool) -> tuple[nn.Module, dict | None]:
+    """The model in ``form`` and, for a restructured one, the record of its restructuring."""
+    source = config.source()
+    if source.kind == "zoo":
+        return source.create(num_classes=info.num_classes, in_channels=info.in_channels, form=form), None
+    plain = source.create(num_classes=info.num_classes, in_channels=info.in_channels, form="plain")
+    if config.init_weights is not None:
+        load_state(plain, config.init_weights, f"{source} (its plain form)")
+    if form == "plain":
+        return plain, None
+    model, report = restructure(plain, equivalent_init=config.init_weights is not None)
+    if say:
+        log.info(f"{source}: {report.summary()}")
+    if not report.converted:
+        raise RSDError(f"{source} has no conv+BN pair to restructure ({report.summary()}); "
+                       f"train it as the baseline ({option('method')} baseline)")
+    return model, report.to_json()
+
+
+def _mix_points(config: TrainConfig, model: nn.Module, info: DataInfo) -> list[str]:
+    """The configured mix points, or the model's defaults; RSDError when there are none."""
+    if config.mix_points is not None:
+        return list(config.mix_points)
+    source = config.source()
+    points = source.default_mix_points(model, info.input_size[0])
+    if not points:
+        top = ", ".join(name for name, _ in model.named_children())
+        raise RSDError(f"{source} has no default mix points: give {option('mix_points')}, modules whose "
+                       f"outputs every path to the logits passes through (its top-level modules: {top})")
+    return points
 
 
 def _train(config: TrainConfig, run_dir: Path, ctx: distributed.Context, *, resume: bool,
@@ -417,16 +452,22 @@ def _kept(run_dir: Path, epoch: int) -> str:
     return f"the run directory still holds epoch {epoch}, intact in {run_dir}" if epoch else "nothing was saved"
 
 
-def _run_info(config: TrainConfig, info: DataInfo, form: str, ctx: distributed.Context) -> RunInfo:
+def _run_info(config: TrainConfig, info: DataInfo, form: str, ctx: distributed.Context,
+              restructured: dict[str, Any] | None, mix_points: list[str] | None) -> RunInfo:
+    training: dict[str, Any] = {"world_size": ctx.world_size,
+                                "effective_batch_size": config.batch_size * ctx.world_size,
+                                "device": ctx.device.type}
+    if mix_points is not None:
+        training["mix_points"] = mix_points
+    if config.init_weights is not None:
+        training["init_weights_sha256"] = sha256_file(config.init_weights)
     return RunInfo(
         model=ModelSource.from_json(config.model), form=form, method=config.method,
         num_classes=info.num_classes, in_channels=info.in_channels,
         input_size=list(info.input_size), classes=list(info.classes),
         normalization=Normalization(list(info.mean), list(info.std)),
         data=info, config=config.to_json(),
-        training={"world_size": ctx.world_size, "effective_batch_size": config.batch_size * ctx.world_size,
-                  "device": ctx.device.type},
-        versions=_versions(),
+        training=training, versions=_versions(), restructure=restructured,
     )
 
 
