@@ -3,6 +3,7 @@
 from .blocks import Affine2d, ConvBN, Reparameterizable, RSDConv, conv_block, set_branch_drop
 from .errors import RSDError
 from .fuse import fuse_model
+from .restructure import RestructureReport, restructure
 
 __version__ = "0.1.0"
 
@@ -12,8 +13,10 @@ __all__ = [
     "RSDConv",
     "RSDError",
     "Reparameterizable",
+    "RestructureReport",
     "__version__",
     "conv_block",
     "fuse_model",
+    "restructure",
     "set_branch_drop",
 ]

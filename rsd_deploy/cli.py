@@ -100,6 +100,26 @@ def models_cmd() -> None:
     click.echo(model_table())
 
 
+@main.command("inspect")
+@click.argument("model")
+@click.option("--input-size", type=int, default=None,
+              help="Input side [default: the zoo model's, else 224].")
+@click.option("--num-classes", type=int, default=None,
+              help="Classes of the head [default: 100 for the CIFAR zoo, else 1000].")
+def inspect_cmd(model: str, input_size: int | None, num_classes: int | None) -> None:
+    """What RSD would do to MODEL (NAME, torchvision:NAME or timm:NAME).
+
+    Lists every conv, restructured or skipped (and why), the parameters and multiply-adds
+    of the training and deployed forms, and the default mix points.
+    """
+    from .inspection import inspect_model
+
+    for value, flag in ((input_size, "--input-size"), (num_classes, "--num-classes")):
+        if value is not None and value < 1:
+            raise RSDError(f"{flag} must be a positive integer (got {value})")
+    click.echo(inspect_model(model, input_size=input_size, num_classes=num_classes).text())
+
+
 @main.command("fuse-export")
 @click.argument("run_dir", type=click.Path(path_type=str))
 @click.option("--onnx/--no-onnx", default=_EXPORT.onnx, help="Write and verify model.onnx.")
@@ -242,7 +262,14 @@ def _csv(kind):
               help="Recipe file (JSON or TOML, keys as the options below with - or _); "
                    "options given on the command line override it.")
 @click.option("--model", default=_TRAIN.model, show_default=True,
-              help="Architecture (see `rsd-deploy models`).")
+              help="Architecture: a zoo NAME (see `rsd-deploy models`), torchvision:NAME or timm:NAME "
+                   "(see `rsd-deploy inspect`).")
+@click.option("--mix-points", callback=_csv(str), default=None,
+              help="Comma-separated modules whose outputs RSD mixes (stage outputs) [default: the "
+                   "model's, or its family's].")
+@click.option("--init-weights", default=None,
+              help="A safetensors state dict of the plain torchvision/timm model to start from "
+                   "(the RSD form starts equivalent to it).")
 @click.option("--method", type=click.Choice(METHODS), default=_TRAIN.method, show_default=True,
               help="rsd: multi-branch form with the RSD loss; baseline: plain conv+BN with cross-entropy.")
 @click.option("--data", default=_TRAIN.data, show_default=True,

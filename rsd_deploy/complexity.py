@@ -66,8 +66,8 @@ def model_table(num_classes: int | None = None) -> str:
             deploy = models.create(name, num_classes=classes, form="deploy")
         rows.append((
             name, spec.family, f"{spec.input_size}x{spec.input_size}",
-            _human(count_params(rsd)), _human(count_macs(rsd, shape)),
-            _human(count_params(deploy)), _human(count_macs(deploy, shape)),
+            human(count_params(rsd)), human(count_macs(rsd, shape)),
+            human(count_params(deploy)), human(count_macs(deploy, shape)),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
@@ -79,7 +79,8 @@ def model_table(num_classes: int | None = None) -> str:
     )
 
 
-def _human(n: int) -> str:
+def human(n: int) -> str:
+    """``n`` with a K, M or G suffix."""
     for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
             return f"{n / size:.2f}{unit}"

@@ -133,7 +133,8 @@ def test_version_1_normalization_and_classes_from_the_data_entry():
     ({"version": "2"}, "version must be a positive integer (got '2')"),
     ({"form": "fused"}, "unknown form 'fused'"),
     ({"model": "zoo:resnet21"}, "model: unknown model 'resnet21'"),
-    ({"model": "torchvision:resnet18"}, "model: unknown model source 'torchvision'"),
+    ({"model": "torchvision:resnet19"}, "model: torchvision has no classification model 'resnet19'"),
+    ({"model": "keras:resnet18"}, "model: unknown model source 'keras'"),
     ({"onnx": {"file": "model.onnx", "opset": "17", "batch": "dynamic"}}, "onnx: wrong type: opset must be an integer"),
     ({"tensorrt": {"min_batch": 1, "opt_batch": 1, "max_batch": 1}}, "tensorrt lacks precision"),
     ({"metrics": []}, "wrong type: metrics must be an object"),
@@ -147,17 +148,18 @@ def test_bad_records_name_the_file_and_the_key(change, message):
 
 
 def test_a_model_source_of_another_kind_needs_no_special_case(tmp_path, monkeypatch):
-    """What a torchvision or timm source will do: one entry in SOURCES, nothing else."""
+    """What the torchvision and timm sources did: one entry in SOURCES, nothing else."""
     from rsd_deploy import models
 
     def check(name: str) -> None:
         if name != "tiny":
             raise RSDError(f"unknown test model {name!r}")
 
-    def create(name: str, **kw) -> torch.nn.Module:
+    def create(name: str, restructured=None, **kw) -> torch.nn.Module:
         return models.create("resnet20", **kw)  # any module will do
 
-    monkeypatch.setitem(SOURCES, "test", SourceKind(check, create))
+    monkeypatch.setitem(SOURCES, "test", SourceKind(check, create, lambda n: None, lambda n, m, s: None))
+    assert {"zoo", "torchvision", "timm"} <= set(SOURCES)
     assert ModelSource.from_json("zoo:resnet20") == ModelSource.from_json("resnet20") == ModelSource("resnet20")
     info = untrained_info("resnet20").replace(model=ModelSource.from_json("test:tiny"))
     saved = save_run(tmp_path, info.build_model(), info)
