@@ -84,6 +84,18 @@ def fold_batchnorm(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return scale, shift
 
 
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """``conv`` followed by ``bn`` (eval mode) as one conv with bias, of ``conv``'s geometry."""
+    scale, shift = fold_batchnorm(bn)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    fused.bias.copy_(shift if conv.bias is None else conv.bias * scale + shift)
+    return fused
+
+
 def _check_geometry(in_channels: int, out_channels: int, groups: int) -> None:
     if groups < 1 or in_channels % groups or out_channels % groups:
         raise ValueError(
@@ -252,6 +264,13 @@ class RSDConv(Reparameterizable):
         rest = stacked.shape[1:]
         square = stacked[: n * c].reshape(g, n, c // g, *rest).transpose(0, 1).reshape(n, c, *rest)
         return torch.cat([square, stacked[n * c :].reshape(2, c, *rest)])
+
+    def stack(self, per_branch: Tensor) -> Tensor:
+        """The inverse of :meth:`unstack`: ``(num_branches, out, ...)`` -> ``bn``'s order."""
+        g, n, c = self.groups, self.num_square, self.out_channels
+        rest = per_branch.shape[2:]
+        square = per_branch[:n].reshape(n, g, c // g, *rest).transpose(0, 1).reshape(n * c, *rest)
+        return torch.cat([square, per_branch[n:].reshape(2 * c, *rest)])
 
     # Forward ---------------------------------------------------------------------------
 

@@ -1,20 +1,29 @@
 """Collapse a trained network into its plain deployable form.
 
 One generic pass: every :class:`~rsd_deploy.blocks.Reparameterizable` block becomes
-the single ``nn.Conv2d`` it is equivalent to, and every remaining BatchNorm (one
-that no conv can absorb) becomes an :class:`~rsd_deploy.blocks.Affine2d`. Nothing
-here knows about particular architectures.
+the single ``nn.Conv2d`` it is equivalent to; every other ``nn.Conv2d`` whose only
+consumer is an ``nn.BatchNorm2d`` (found with torch.fx) absorbs it, the BN's place
+becoming an ``nn.Identity``; every remaining BatchNorm (one that no conv can absorb)
+becomes an :class:`~rsd_deploy.blocks.Affine2d`. Module names never change, so a
+fused model's state dict loads into the original architecture with BN folded.
+Nothing here knows about particular architectures.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from .blocks import Affine2d, Reparameterizable
+from .blocks import Affine2d, Reparameterizable, fold_conv_bn
 from .errors import RSDError
+from .graph import TraceError, conv_bn_pairs
+
+log = logging.getLogger(__name__)
 
 
 def check_finite(model: nn.Module) -> None:
@@ -28,17 +37,31 @@ def check_finite(model: nn.Module) -> None:
             raise RSDError(f"'{name}.running_var' has negative entries; refusing to fuse")
 
 
-def _fuse(module: nn.Module) -> nn.Module:
-    """``module`` with every block replaced by its fused equivalent (in place where possible)."""
-    if isinstance(module, Reparameterizable):
-        return module.to_conv()
-    if isinstance(module, nn.BatchNorm2d):
-        return Affine2d.from_batchnorm(module)
+def _replace(module: nn.Module, match: Callable[[nn.Module], bool],
+             fuse: Callable[[Any], nn.Module]) -> nn.Module:
+    """``module`` with every submodule that ``match``es replaced by ``fuse(it)`` (in place where possible)."""
+    if match(module):
+        return fuse(module)
     for name, child in module.named_children():
-        fused = _fuse(child)
+        fused = _replace(child, match, fuse)
         if fused is not child:
             setattr(module, name, fused)
     return module
+
+
+def _fold_pairs(model: nn.Module) -> int:
+    """Fold each BN that is a conv's only consumer into that conv; returns how many."""
+    try:
+        pairs = conv_bn_pairs(model)
+    except TraceError as e:
+        log.debug(f"{e}: standalone BatchNorms become per-channel affines")
+        return 0
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        fused = fold_conv_bn(conv, bn)
+        model.set_submodule(conv_name, fused)
+        model.set_submodule(bn_name, nn.Identity())
+    return len(pairs)
 
 
 def fuse_model(model: nn.Module) -> nn.Module:
@@ -48,7 +71,10 @@ def fuse_model(model: nn.Module) -> nn.Module:
     left untouched. Raises :class:`RSDError` when weights or statistics are not finite.
     """
     check_finite(model)
-    fused = _fuse(copy.deepcopy(model)).eval()
+    fused = _replace(copy.deepcopy(model), lambda m: isinstance(m, Reparameterizable), lambda m: m.to_conv())
+    _fold_pairs(fused)
+    # Exactly BatchNorm2d: a subclass may do more (timm's BN + activation) than an affine can.
+    fused = _replace(fused, lambda m: type(m) is nn.BatchNorm2d, Affine2d.from_batchnorm).eval()
     left = [n for n, m in fused.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if left:
         raise RSDError(f"fusion left BatchNorm layers it cannot fold: {', '.join(left)}")

@@ -13,6 +13,7 @@ from rsd_deploy.cli import main
 from rsd_deploy.complexity import count_macs, count_params
 from rsd_deploy.models import create, get_spec, names
 from rsd_deploy.models.resnet import BasicBlock, Bottleneck
+from rsd_deploy.training.rsd import check_mix_points
 
 ZOO = {
     "resnet20", "resnet32", "resnet56", "resnet110", "wrn20_8", "vgg16", "vgg19",
@@ -107,7 +108,7 @@ def test_vgg_is_the_authors_cifar_layout(name, groups, macs):
     assert [m.conv.out_channels for m in convs] == [w for g in groups for w in g]
     assert sum(isinstance(m, nn.MaxPool2d) for m in plain.modules()) == 3
     assert plain.num_mix_points == 5 and plain.head[-1].in_features == 512
-    feats, _ = plain.eval().forward_features(torch.zeros(1, 3, 32, 32))
+    feats = [plain.eval().forward_to(torch.zeros(1, 3, 32, 32), p) for p in range(plain.num_mix_points)]
     assert [tuple(f.shape[1:]) for f in feats] == [
         (g[-1], s, s) for g, s in zip(groups, sides, strict=True)
     ]
@@ -145,20 +146,23 @@ def test_densenet_structure():
 
 
 @pytest.mark.parametrize("name", ["resnet20", "wrn20_8", "vgg16", "densenet40_12", "resnet18"])
-def test_mix_points_compose_to_the_full_forward(name):
+def test_mix_points_are_cuts_that_compose_to_the_full_forward(name):
     torch.manual_seed(0)
     model = create(name, num_classes=7).eval()
     size = 64 if name == "resnet18" else 32
     x = torch.randn(2, 3, size, size)
+    assert model.mix_points == ("stem", *(f"stages.{i}" for i in range(len(model.stages))))
+    check_mix_points(model, model.mix_points)  # each is a cut: no skip connection around it
+    outputs = {}
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, _, out, n=n: outputs.update({n: out}))
+             for n in model.mix_points]
     with torch.no_grad():
         y = model(x)
-        feats, logits = model.forward_features(x)
-        assert len(feats) == model.num_mix_points == len(model.stages) + 1
-        torch.testing.assert_close(logits, y)
-        for point in range(model.num_mix_points):
-            h = model.forward_to(x, point)
-            torch.testing.assert_close(h, feats[point])
-            torch.testing.assert_close(model.forward_from(h, point), y)
+        for h in hooks:
+            h.remove()
+        for point, name in enumerate(model.mix_points):
+            torch.testing.assert_close(model.forward_to(x, point), outputs[name])
+        torch.testing.assert_close(model.head(outputs[model.mix_points[-1]]), y)
 
 
 def test_rsd_form_restructures_exactly_the_kxk_convs():

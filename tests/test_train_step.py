@@ -9,6 +9,7 @@ import torch
 
 from rsd_deploy import blocks, models
 from rsd_deploy.blocks import RSDConv, set_branch_drop
+from rsd_deploy.training import rsd as rsd_module
 from rsd_deploy.training.rsd import (
     LOSS_TERMS,
     CEStep,
@@ -44,6 +45,19 @@ def _kl(student, teacher, t):  # KL(softmax(teacher/T) || softmax(student/T)) * 
     return (pt * (torch.log(pt) - torch.log(ps))).sum(1).mean() * t * t
 
 
+def _features(model, x):  # the stem's and every stage's output, and the logits
+    feats = [model.stem(x)]
+    for stage in model.stages:
+        feats.append(stage(feats[-1]))
+    return feats, model.head(feats[-1])
+
+
+def _from(model, h, point):  # logits, continuing from the feature h at mix point ``point``
+    for stage in model.stages[point:]:
+        h = stage(h)
+    return model.head(h)
+
+
 def _by_hand(model, x, y, seed, alpha, beta, t, p):
     """Every term of the RSD loss, from the same random draws, with plain tensor maths."""
     torch.manual_seed(seed)
@@ -51,12 +65,12 @@ def _by_hand(model, x, y, seed, alpha, beta, t, p):
     lam = float(torch.distributions.Beta(torch.tensor(2.0), torch.tensor(2.0)).sample())
     idx = torch.randperm(len(y))
     set_branch_drop(model, p)
-    feats, s = model.forward_features(x)
+    feats, s = _features(model, x)
     set_branch_drop(model, 0.0)
-    h = model.forward_to(x, point)
+    h = _features(model, x)[0][point]
     sf = feats[point]
     mixed = torch.cat([h, lam * h + (1 - lam) * h[idx], lam * h + (1 - lam) * sf[idx]])
-    out = model.forward_from(mixed, point)
+    out = _from(model, mixed, point)
     tl, tt, ts = out[:B], out[B : 2 * B], out[2 * B :]
     terms = {
         "ce_student": _ce(s, y),
@@ -159,48 +173,47 @@ def test_no_drop_in_teacher_pass_and_rate_restored(monkeypatch):
     monkeypatch.setattr(blocks, "drop_mask", recorder)
     model = _model()
     step = RSDStep(model, RSDObjective(drop_rate=0.3))
-    calls = []
-    original_from = model.forward_from
-
-    def spy_from(h, point):
-        calls.append(len(recorder.masks))  # masks drawn before the teacher suffix runs
-        return original_from(h, point)
-
-    model.forward_from = spy_from
+    calls = []  # masks drawn before each forward pass starts
+    model.stem.register_forward_pre_hook(lambda *_: calls.append(len(recorder.masks)))
     torch.manual_seed(0)
     step(*_batch())
     convs = [m for m in model.modules() if isinstance(m, RSDConv)]
     # Exactly one mask per block: the student pass. The teacher pass draws none.
     assert len(recorder.masks) == len(convs) and set(recorder.rates) == {0.3}
-    assert calls == [len(convs)]
+    assert calls == [0, len(convs)]
     assert all(m.drop_rate == 0.0 for m in convs)
 
 
-def test_mixture_has_3b_rows_and_shares_lam_and_permutation():
+def test_mixture_has_3b_rows_and_shares_lam_and_permutation(monkeypatch):
     model = _model()
     x, y = _batch()
-    seen = {}
-    original_from, original_features = model.forward_from, model.forward_features
+    seen, student, rows = {}, {}, []
 
-    def spy_from(h, point):
-        seen["mixed"], seen["point"] = h.detach().clone(), point
-        return original_from(h, point)
+    def spy(h, s, lam, idx):  # the mixture block as the step calls it
+        out = feature_mixture(h, s, lam, idx)
+        seen.update(h=h.detach().clone(), s=s, mixed=out.detach().clone())
+        return out
 
-    def spy_features(inp):
-        feats, logits = original_features(inp)
-        seen["student"] = [f.detach().clone() for f in feats]
-        return feats, logits
+    monkeypatch.setattr(rsd_module, "feature_mixture", spy)
+    def keep_first(name):  # the student pass's output at every point (the first forward)
+        def hook(_module, _args, out):
+            student.setdefault(name, out.detach().clone())
+        return hook
 
-    model.forward_from, model.forward_features = spy_from, spy_features
+    for name in model.mix_points:
+        model.get_submodule(name).register_forward_hook(keep_first(name))
+    model.head.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
     step = RSDStep(model)
+    assert step.mix_points == ("stem", "stages.0", "stages.1", "stages.2")
     for seed in range(6):
+        student.clear(), rows.clear()
         torch.manual_seed(seed)
         step(x, y)
         draw = step.last_draw
-        mixed, point = seen["mixed"], seen["point"]
-        assert point == draw.point
-        assert mixed.shape[0] == 3 * B
-        h, s = mixed[:B], seen["student"][point]
+        point = model.mix_points[draw.point]
+        assert rows == [B, 3 * B]  # student pass, then the teacher's 3B rows
+        mixed, h, s = seen["mixed"], seen["h"], student[point]
+        torch.testing.assert_close(seen["s"], s)  # the student feature of the drawn point
         lam, idx = draw.lam, draw.idx
         assert sorted(idx.tolist()) == list(range(B)) and idx.tolist() != list(range(B))
         torch.testing.assert_close(mixed[B : 2 * B], lam * h + (1 - lam) * h[idx])
@@ -272,8 +285,7 @@ def test_each_ablation_removes_exactly_its_term(term):
 def test_no_mixture_runs_teacher_on_b_rows_without_mix_terms():
     model = _model()
     rows = []
-    original_from = model.forward_from
-    model.forward_from = lambda h, point: rows.append(h.shape[0]) or original_from(h, point)
+    model.head.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
     step = RSDStep(model, RSDObjective(mixture=False))
     torch.manual_seed(0)
     out = step(*_batch())

@@ -10,9 +10,10 @@ from torch import Tensor, nn
 class StagedNet(nn.Module):
     """``head(stages[-1](...stages[0](stem(x))))``.
 
-    The *mix points* are the features after the stem (point 0) and after each stage
-    (point i after stage i): the places where RSD's training loop may insert its
-    feature mixture block. The model itself holds no training logic.
+    The *mix points* are the outputs of the stem (point 0) and of each stage (point i
+    after stage i): the places where RSD's training step may insert its feature
+    mixture block (:class:`~rsd_deploy.training.rsd.RSDStep`, through forward hooks on
+    the modules :attr:`mix_points` names). The model itself holds no training logic.
     """
 
     def __init__(self, stem: nn.Module, stages: Sequence[nn.Module], head: nn.Module) -> None:
@@ -20,6 +21,11 @@ class StagedNet(nn.Module):
         self.stem = stem
         self.stages = nn.ModuleList(stages)
         self.head = head
+
+    @property
+    def mix_points(self) -> tuple[str, ...]:
+        """Names of the modules whose outputs are the mix points: the stem, then each stage."""
+        return ("stem", *(f"stages.{i}" for i in range(len(self.stages))))
 
     @property
     def num_mix_points(self) -> int:
@@ -32,21 +38,11 @@ class StagedNet(nn.Module):
             x = stage(x)
         return x
 
-    def forward_from(self, h: Tensor, point: int) -> Tensor:
-        """Logits, continuing from the feature ``h`` at mix point ``point``."""
-        for stage in self.stages[point:]:
-            h = stage(h)
-        return self.head(h)
-
-    def forward_features(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
-        """The features at every mix point, and the logits."""
-        feats = [self.stem(x)]
-        for stage in self.stages:
-            feats.append(stage(feats[-1]))
-        return feats, self.head(feats[-1])
-
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_from(self.stem(x), 0)
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
 
 
 def classifier_head(in_features: int, num_classes: int, *pre: nn.Module) -> nn.Sequential:

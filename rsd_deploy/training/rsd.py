@@ -1,16 +1,18 @@
 """The RSD training step: student pass, teacher pass with the feature mixture block, loss.
 
-One step on a batch ``(x, y)`` of ``B`` samples of a :class:`~rsd_deploy.models.StagedNet`
-in its RSD form (Zheng et al., IEEE TIP 33, 2024):
+One step on a batch ``(x, y)`` of ``B`` samples of a model in its RSD form (Zheng et
+al., IEEE TIP 33, 2024). The *mix points* are named modules whose outputs are cuts of
+the network (every path from the input to the logits passes through them): the zoo's
+:class:`~rsd_deploy.models.StagedNet` names its stem and stages, any other model is
+given them (``mix_points=["layer1", ...]``).
 
 * **student pass**: branch drop at rate ``p`` in every :class:`~rsd_deploy.blocks.RSDConv`
-  (train mode), ``feats, s = model.forward_features(x)``;
-* **teacher pass**: no drop; at a mix point chosen uniformly at random,
-  ``h = model.forward_to(x, point)`` is replaced by the feature mixture
-  ``cat([h, lam*h + (1-lam)*h[idx], lam*h + (1-lam)*feats[point][idx]])`` with
-  ``lam ~ Beta(2, 2)`` and one permutation ``idx`` shared by both mixes, and
-  ``model.forward_from(mixed, point)`` gives ``3B`` rows of logits, split into the teacher
-  ``t``, the teacher-teacher mix ``tt`` and the teacher-student mix ``ts``;
+  (train mode), ``s = model(x)``, the output of the drawn mix point recorded (a hook);
+* **teacher pass**: no drop; ``model(x)`` with the drawn point's output ``h`` replaced (a
+  hook) by the feature mixture ``cat([h, lam*h + (1-lam)*h[idx], lam*h + (1-lam)*s_h[idx]])``,
+  ``s_h`` the student's output there, ``lam ~ Beta(2, 2)`` and one permutation ``idx``
+  shared by both mixes; everything after the point runs on ``3B`` rows, and the logits
+  split into the teacher ``t``, the teacher-teacher mix ``tt`` and the teacher-student mix ``ts``;
 * **loss**: ``alpha * [CE(s) + CE(t) + mixCE(tt) + mixCE(ts)]
   + beta * [KL_T(s -> t) + KL_T(ts -> tt)]``.
 
@@ -21,14 +23,20 @@ ablations (:class:`RSDObjective`).
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import set_branch_drop
+from ..errors import RSDError
+from ..graph import TraceError, non_cuts, trace
+
+log = logging.getLogger(__name__)
 
 #: The loss terms, in the order they are reported.
 #: ``ce_student`` CE(s), ``ce_teacher`` CE(t), ``ce_mix_tt`` mixCE(tt), ``ce_mix_ts`` mixCE(ts),
@@ -127,20 +135,85 @@ def mix_ce(logp: Tensor, y: Tensor, y_perm: Tensor, lam: float) -> Tensor:
     return lam * F.nll_loss(logp, y) + (1.0 - lam) * F.nll_loss(logp, y_perm)
 
 
+def check_mix_points(model: nn.Module, points: Sequence[str]) -> None:
+    """RSDError unless every name in ``points`` is a module of ``model`` whose output is a cut.
+
+    The cut test traces the model with torch.fx; a model fx cannot trace is checked at
+    run time only (its logits must come out with 3B rows).
+    """
+    if not points:
+        raise RSDError("no mix points: name the modules whose outputs RSD may mix")
+    modules = dict(model.named_modules())
+    for name in points:
+        if not name or name not in modules:
+            raise RSDError(f"mix point {name!r} is not a module of the model")
+    if len(set(points)) != len(points):
+        raise RSDError(f"mix points repeat a name: {', '.join(points)}")
+    try:
+        bad = non_cuts(trace(model, leaves=points), points)
+    except TraceError as e:
+        log.warning(f"{e}: mix points are checked at run time only")
+        return
+    if bad:
+        name, why = next(iter(bad.items()))
+        raise RSDError(f"mix point {name!r} is not a cut of the network: {why}; choose modules "
+                       "every path from the input to the logits passes through (stage outputs)")
+
+
+class _Recorder:
+    """A forward hook that records a module's output, or replaces it by ``replace(output)``."""
+
+    def __init__(self, module: nn.Module, name: str, replace=None) -> None:
+        self.name, self.replace = name, replace
+        self.output: Tensor | None = None
+        self.version = -1
+        self.handle = module.register_forward_hook(self)
+
+    def __call__(self, _module: nn.Module, _args: Any, output: Any) -> Any:
+        if not isinstance(output, Tensor):
+            raise RSDError(f"mix point {self.name!r} returns {type(output).__name__}, not a tensor")
+        if self.output is not None:
+            raise RSDError(f"mix point {self.name!r} runs more than once in a forward pass")
+        self.output, self.version = output, output._version
+        return None if self.replace is None else self.replace(output)
+
+    def recorded(self) -> Tensor:
+        """The recorded output, refused if a later in-place op has changed it since."""
+        if self.output is None:
+            raise RSDError(f"mix point {self.name!r} did not run in the forward pass")
+        if self.output._version != self.version:
+            raise RSDError(f"the output of mix point {self.name!r} is changed in place after it "
+                           "(an in-place op follows it); choose the module after that op")
+        return self.output
+
+
 class RSDStep(nn.Module):
     """The RSD forward step around a model: ``forward(x, y) -> StepOutput``.
 
-    A module (not a function) so that :class:`~torch.nn.parallel.DistributedDataParallel`
-    can wrap the whole step, both passes included, and synchronise the gradients of the
-    one backward that follows. The model's drop rate is restored to 0 after the step, so
-    evaluation and export never see branch drop.
+    ``mix_points`` names the modules whose outputs the mixture may replace (default: the
+    model's own ``mix_points``, as the zoo's models have). A module (not a function) so
+    that :class:`~torch.nn.parallel.DistributedDataParallel` can wrap the whole step,
+    both passes included, and synchronise the gradients of the one backward that
+    follows. The model's drop rate is restored to 0 after the step, so evaluation and
+    export never see branch drop.
     """
 
-    def __init__(self, model: nn.Module, objective: RSDObjective | None = None) -> None:
+    def __init__(self, model: nn.Module, objective: RSDObjective | None = None,
+                 mix_points: Sequence[str] | None = None) -> None:
         super().__init__()
         self.model = model
         self.objective = objective or RSDObjective()
+        points = getattr(model, "mix_points", None) if mix_points is None else mix_points
+        if self.objective.mixture:
+            if points is None:
+                raise RSDError(f"{type(model).__name__} names no mix points: give mix_points")
+            check_mix_points(model, list(points))
+        self.mix_points: tuple[str, ...] = tuple(points or ())
         self.last_draw: MixDraw | None = None  #: the mixture drawn by the latest step (for tests)
+
+    @property
+    def num_mix_points(self) -> int:
+        return len(self.mix_points)
 
     def forward(self, x: Tensor, y: Tensor, draw: MixDraw | None = None) -> StepOutput:
         """One step on ``(x, y)``; ``draw`` fixes the mixture (default: a random one)."""
@@ -150,28 +223,38 @@ class RSDStep(nn.Module):
         if not obj.mixture:
             draw = None
         elif draw is None:
-            draw = draw_mixture(model.num_mix_points, b, x.device)
-        elif not 0 <= draw.point < model.num_mix_points or draw.idx.shape != (b,):
+            draw = draw_mixture(self.num_mix_points, b, x.device)
+        elif not 0 <= draw.point < self.num_mix_points or draw.idx.shape != (b,):
             raise ValueError(f"draw {draw.point} / {tuple(draw.idx.shape)} does not fit "
-                             f"{model.num_mix_points} mix points and a batch of {b}")
+                             f"{self.num_mix_points} mix points and a batch of {b}")
         self.last_draw = draw
+        point = None if draw is None else self.mix_points[draw.point]
+        module = None if point is None else model.get_submodule(point)
 
-        # Student pass: branch drop on, features at every mix point and logits.
+        # Student pass: branch drop on; the drawn point's output recorded, and the logits.
         set_branch_drop(model, obj.drop_rate)
+        student = None if module is None else _Recorder(module, point)
         try:
-            feats, s_logits = model.forward_features(x)
+            s_logits = model(x)
         finally:
             set_branch_drop(model, 0.0)
+            if student is not None:
+                student.handle.remove()
 
         # Teacher pass: no drop; the mixture block at the drawn point, 3B rows after it.
         if draw is not None:
-            h = model.forward_to(x, draw.point)
-            mixed = feature_mixture(h, feats[draw.point], draw.lam, draw.idx)
-            del feats, h
-            out = model.forward_from(mixed, draw.point)
+            s_feat = student.recorded()
+            teacher = _Recorder(module, point, lambda h: feature_mixture(h, s_feat, draw.lam, draw.idx))
+            try:
+                out = model(x)
+            finally:
+                teacher.handle.remove()
+            del s_feat, student, teacher
+            if out.shape[0] != 3 * b:
+                raise RSDError(f"mix point {point!r} gave {out.shape[0]} rows of logits for 3 x {b}: "
+                               "it is not a cut of the network")
             t_logits, tt_logits, ts_logits = out.split(b)
         else:
-            del feats
             out = t_logits = model(x)
             tt_logits = ts_logits = None
 
