@@ -1,22 +1,34 @@
-"""TensorRT 10: the artifact is an engine built from the ONNX file; the runner runs it on CUDA.
+"""TensorRT 10 and 11: the artifact is an engine built from the ONNX file; the runner runs it on CUDA.
 
 TensorRT is optional (``pip install 'rsd-deploy[trt]'`` on a machine with an
-NVIDIA GPU) and imported lazily: :func:`require_tensorrt` gives a one-line
-:class:`RSDError` saying how to get it when it or a CUDA device is missing.
+NVIDIA GPU: the ``tensorrt`` package on PyPI fetches NVIDIA's wheels from
+pypi.nvidia.com) and imported lazily: :func:`require_tensorrt` gives a one-line
+:class:`RSDError` saying how to get it when it, a supported version or a CUDA
+device is missing.
+
+Networks are *strongly typed* on both versions (TensorRT 11 removed weak typing and
+its precision builder flags): every tensor takes the type the ONNX file gives it, so
+the engine's precision comes from the file. An fp32 file gives an fp32 engine, an
+fp16 file (fp16 weights and compute, fp32 input and output) an fp16 engine, a Q/DQ
+file an int8 engine. ``precision`` says which of these the file is expected to carry.
+Builds clear TF32 (where the flag exists) so that fp32 layers compute in true fp32
+(fp32 engines are checked against ONNX Runtime at fp32 tolerances).
 
 Engines have one optimization profile over the batch axis, ``(min, opt, max)``;
-the other axes are fixed by the ONNX file. Builds clear TF32 so that fp32 engines
-compute in true fp32 (their parity against ONNX Runtime is checked at fp32
-tolerances); precision ``fp16`` lets TensorRT pick half-precision kernels.
-Runners work on torch's current CUDA stream, so CUDA events time them.
+the other axes are fixed by the ONNX file. Runners work on torch's current CUDA
+stream, so CUDA events time them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
+import re
 import sys
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,11 +48,25 @@ LABEL = "TensorRT"
 SOURCE = "ort"  # engines are built from the ONNX file
 FILE = "model.engine"
 DEVICES = ("cuda",)
-#: Against ONNX Runtime fp32, per engine precision (TF32 off for fp32).
-TOLERANCES = {"fp32": Tolerance(atol=1e-3, rtol=1e-3), "fp16": Tolerance(atol=1e-2, rtol=2e-2)}
+#: Against ONNX Runtime, per engine precision (TF32 off for fp32). int8: against ONNX
+#: Runtime running the same Q/DQ file; provisional, not yet measured on a GPU.
+TOLERANCES = {
+    "fp32": Tolerance(atol=1e-3, rtol=1e-3),
+    "fp16": Tolerance(atol=1e-2, rtol=2e-2),
+    "int8": Tolerance(atol=5e-2, rtol=5e-2),
+}
+#: TensorRT major versions the builder and runner are written for.
+SUPPORTED_MAJORS = (10, 11)
 INSTALL_HINT = "pip install 'rsd-deploy[trt]' on a machine with an NVIDIA GPU"
 WORKSPACE_BYTES = 1 << 30
 _THIS = sys.modules[__name__]
+log = logging.getLogger(__name__)
+
+
+def _major(version: str) -> int | None:
+    """The major version in ``version`` ("10.9.0" -> 10), or None when it has none."""
+    head = str(version).split(".")[0]
+    return int(head) if head.isdigit() else None
 
 
 def require_tensorrt():
@@ -51,8 +77,9 @@ def require_tensorrt():
         raise RSDError(f"TensorRT is not installed: {INSTALL_HINT}") from None
     if not torch.cuda.is_available():
         raise RSDError(f"TensorRT needs a CUDA device and none is available: {INSTALL_HINT}")
-    if int(trt.__version__.split(".")[0]) != 10:
-        raise RSDError(f"TensorRT {trt.__version__} found; rsd-deploy needs TensorRT 10: {INSTALL_HINT}")
+    if _major(trt.__version__) not in SUPPORTED_MAJORS:
+        wanted = " or ".join(map(str, SUPPORTED_MAJORS))
+        raise RSDError(f"TensorRT {trt.__version__} found; rsd-deploy needs TensorRT {wanted}: {INSTALL_HINT}")
     return trt
 
 
@@ -117,9 +144,24 @@ def _logger(trt):
     return trt.Logger(trt.Logger.WARNING)
 
 
+def _network_flags(trt) -> int:
+    """Creation flags of a strongly typed network (explicit batch is the only mode since TensorRT 10).
+
+    TensorRT 11 types every network strongly and ignores the flag; should a later 11.x
+    drop it, no flag is needed there.
+    """
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    if flag is None:
+        if _major(trt.__version__) == 10:
+            raise RSDError(f"TensorRT {trt.__version__} has no strongly typed networks: {INSTALL_HINT}")
+        return 0
+    return 1 << int(flag)
+
+
 def _parse_onnx(trt, builder, logger, onnx_path: str | os.PathLike, input_shape: tuple[int, int, int]):
-    """The network of ``onnx_path``, checked to take one ``(N, *input_shape)`` input and give one output."""
-    network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
+    """The strongly typed network of ``onnx_path``, checked to take one ``(N, *input_shape)`` input
+    and give one output."""
+    network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -149,6 +191,20 @@ def _add_profile(builder, config, network, onnx_path, input_shape: tuple[int, in
         )
 
 
+def _clear_tf32(trt, config) -> bool:
+    """Clear TF32 so that fp32 layers compute in true fp32; False where TensorRT has no TF32 flag.
+
+    TF32 is a compute mode of fp32 tensors, not a tensor type: strong typing leaves it
+    (on by default), and TensorRT 11 removed only the weak-typing precision flags.
+    """
+    flag = getattr(trt.BuilderFlag, "TF32", None)
+    if flag is None:
+        log.warning(f"TensorRT {trt.__version__} has no TF32 builder flag: fp32 layers may compute in TF32")
+        return False
+    config.clear_flag(flag)
+    return True
+
+
 def _use_timing_cache(config, cache_path: Path | None) -> None:
     """Start from the timing cache at ``cache_path`` when it exists and fits this TensorRT and GPU."""
     cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
@@ -156,6 +212,112 @@ def _use_timing_cache(config, cache_path: Path | None) -> None:
     if not config.set_timing_cache(cache, ignore_mismatch=False):
         # A cache from another TensorRT version or GPU: start from an empty one.
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+
+#: Datatype words of the engine inspector's JSON ("Half", "Row major linear FP32 format", ...).
+_DATATYPE_WORDS = {
+    "float": "fp32", "fp32": "fp32", "half": "fp16", "fp16": "fp16", "bf16": "bf16", "bfloat16": "bf16",
+    "int8": "int8", "uint8": "uint8", "fp8": "fp8", "int4": "int4", "fp4": "fp4", "int32": "int32",
+    "int64": "int64", "bool": "bool",
+}
+#: Datatypes a layer can compute in, narrowest first.
+_COMPUTE_TYPES = ("int4", "fp4", "int8", "fp8", "fp16", "bf16", "fp32")
+#: Where the asked precision comes from, per precision (for the fallback error).
+_PRECISION_SOURCE = {
+    "fp32": "an fp32 ONNX file",
+    "fp16": "an fp16 ONNX file (fp16 weights and compute)",
+    "int8": "a Q/DQ-quantized ONNX file",
+}
+
+
+def _tensor_datatype(tensor: Any) -> str | None:
+    """The datatype of one tensor of the inspector's JSON: TensorRT 11's "Datatype" (or
+    "DataType"), else the datatype word in TensorRT 10's "Format/Datatype"."""
+    if not isinstance(tensor, Mapping):
+        return None
+    text = tensor.get("Datatype") or tensor.get("DataType") or tensor.get("Format/Datatype") or ""
+    for word in re.findall(r"[a-z0-9]+", str(text).lower()):
+        if word in _DATATYPE_WORDS:
+            return _DATATYPE_WORDS[word]
+    return None
+
+
+def layer_precision(layer: Any) -> str | None:
+    """The datatype a layer of the inspector's JSON computes in: the narrowest of its inputs'
+    (an int8 convolution reads int8 and may write fp32), else of its outputs'; None if untyped."""
+    if not isinstance(layer, Mapping):
+        return None
+    for key in ("Inputs", "Outputs"):
+        types = {_tensor_datatype(t) for t in layer.get(key) or ()}
+        for dtype in _COMPUTE_TYPES:
+            if dtype in types:
+                return dtype
+    return None
+
+
+def _is_convolution(layer: Any) -> bool:
+    """Whether a layer of the inspector's JSON is a convolution ("CaskConvolution", ...)."""
+    if not isinstance(layer, Mapping):
+        return False
+    return "convolution" in f"{layer.get('LayerType', '')} {layer.get('ParameterType', '')}".lower()
+
+
+def layer_precisions(layers: Iterable[Any]) -> dict[str, dict[str, int]]:
+    """Per-datatype counts of the engine's layers: ``{"convolution": {...}, "all": {...}}``;
+    a layer the inspector gives no datatype for counts as "unknown"."""
+    layers = list(layers)
+
+    def count(group: list[Any]) -> dict[str, int]:
+        return dict(Counter(layer_precision(layer) or "unknown" for layer in group).most_common())
+
+    return {"convolution": count([la for la in layers if _is_convolution(la)]), "all": count(layers)}
+
+
+def _engine_layers(trt, logger, engine_bytes: bytes | memoryview) -> list[Any]:
+    """The layers of a serialized engine as its inspector describes them (JSON; detailed when the
+    engine was built with ``ProfilingVerbosity.DETAILED``); empty when it describes none."""
+    runtime = trt.Runtime(logger)
+    engine = runtime.deserialize_cuda_engine(engine_bytes)
+    if engine is None:
+        raise RSDError("TensorRT cannot load the engine it has just built (see its log above)")
+    text = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    try:
+        info = json.loads(text)
+    except (TypeError, ValueError):
+        log.warning("TensorRT's engine information is not JSON: the engine's layer datatypes are unknown")
+        return []
+    layers = info.get("Layers") if isinstance(info, Mapping) else None
+    return list(layers) if isinstance(layers, list) else []
+
+
+def check_engine_precision(precision: str, counts: Mapping[str, Mapping[str, int]],
+                           onnx_path: str | os.PathLike) -> None:
+    """Refuse an engine whose layers do not mostly compute in ``precision`` (a silent fallback).
+
+    The rule: more than half of the engine's convolution layers (of all its layers when
+    it has none) must compute in ``precision``. When the inspector gives no datatypes,
+    an fp32 build passes with a warning and an fp16 or int8 build is refused: it cannot
+    be verified.
+    """
+    basis, group = ("convolution", counts["convolution"]) if counts["convolution"] else ("all", counts["all"])
+    typed = {dtype: n for dtype, n in group.items() if dtype != "unknown"}
+    if not typed:
+        if precision == "fp32":
+            log.warning(f"TensorRT gave no layer datatypes for the engine from {onnx_path}: its precision is unchecked")
+            return
+        raise RSDError(
+            f"TensorRT gave no layer datatypes for the engine built from {onnx_path}, so its {precision} "
+            f"precision cannot be verified; nothing was written"
+        )
+    if typed.get(precision, 0) * 2 > sum(typed.values()):
+        return
+    what = "convolution layers" if basis == "convolution" else "layers"
+    held = ", ".join(f"{dtype} {n}" for dtype, n in group.items())
+    raise RSDError(
+        f"{precision} was asked but the engine TensorRT built from {onnx_path} computes mostly in another "
+        f"precision ({what}: {held}); strongly typed builds take their precision from the ONNX file, so "
+        f"build from {_PRECISION_SOURCE[precision]}; nothing was written"
+    )
 
 
 def build_engine(
@@ -173,9 +335,11 @@ def build_engine(
 
     ``input_shape`` is ``(C, H, W)``; the profile covers batches ``min_batch`` to
     ``max_batch``, tuned for ``opt_batch``. A fixed-batch ONNX file needs all three
-    equal to its batch. ``timing_cache``, when given, is read if it exists and
-    rewritten (atomically) with the tactics timed by this build. Returns what was
-    built: the profile, precision, TensorRT version and engine size.
+    equal to its batch. The network is strongly typed: ``precision`` ("fp32", "fp16",
+    "int8") is the one the ONNX file carries, and no precision flag is set.
+    ``timing_cache``, when given, is read if it exists and rewritten (atomically) with
+    the tactics timed by this build. Returns what was built: the profile, precision,
+    TensorRT version and engine size.
     """
     check_precision(_THIS, precision)
     trt = require_tensorrt()
@@ -189,9 +353,8 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    config.clear_flag(trt.BuilderFlag.TF32)
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer datatypes for the inspector
+    tf32_cleared = _clear_tf32(trt, config)
     _add_profile(builder, config, network, onnx_path, input_shape, (min_batch, opt_batch, max_batch))
     cache_path = Path(timing_cache) if timing_cache is not None else None
     _use_timing_cache(config, cache_path)
@@ -200,6 +363,9 @@ def build_engine(
     if serialized is None:
         raise RSDError(f"TensorRT could not build an engine from {onnx_path} (see its log above)")
     engine_bytes = memoryview(serialized)
+    counts = layer_precisions(_engine_layers(trt, logger, engine_bytes))
+    log.info(f"TensorRT engine layers by datatype: {counts}")
+    check_engine_precision(precision, counts, onnx_path)
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(engine_bytes)
     if cache_path is not None:
@@ -210,11 +376,22 @@ def build_engine(
         "opt_batch": int(opt_batch),
         "max_batch": int(max_batch),
         "precision": precision,
-        "tf32": False,
+        "strongly_typed": True,
+        "tf32": False if tf32_cleared else None,
         "tensorrt_version": trt.__version__,
         "engine_bytes": len(engine_bytes),
+        "layer_precisions": counts,
         "device": torch.cuda.get_device_name(),
     }
+
+
+def _torch_dtype(trt, engine, name: str, path: Path) -> torch.dtype:
+    """The torch type of the engine's input or output ``name``: fp32 or fp16, else RSDError."""
+    dtype = engine.get_tensor_dtype(name)
+    to_torch = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
+    if dtype not in to_torch:
+        raise RSDError(f"{path}: tensor {name!r} is {dtype}; rsd-deploy runs engines with fp32 or fp16 input and output")
+    return to_torch[dtype]
 
 
 class TrtRunner:
@@ -260,9 +437,8 @@ class TrtRunner:
             self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
         else:
             self.min_batch = self.max_batch = int(shape[0])
-        to_torch = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16}
-        self.input_dtype = to_torch[self.engine.get_tensor_dtype(self.input_name)]
-        self.output_dtype = to_torch[self.engine.get_tensor_dtype(self.output_name)]
+        self.input_dtype = _torch_dtype(trt, self.engine, self.input_name, path)
+        self.output_dtype = _torch_dtype(trt, self.engine, self.output_name, path)
 
     def _input(self, x: Array) -> torch.Tensor:
         """``x`` on the GPU in the engine's input type, checked against its profile."""

@@ -35,9 +35,15 @@ def format_report(report: Mapping[str, Any]) -> str:
     trt = report.get("tensorrt")
     if trt:
         lines.append(f"tensorrt: {trt['status']}" + (
-            f" ({trt['precision']}, batch {trt['min_batch']}..{trt['max_batch']})"
+            f" ({trt['precision']}, batch {trt['min_batch']}..{trt['max_batch']}{_layer_summary(trt)})"
             if trt["status"] == "built" else ""))
     lines.append(f"inputs: {report.get('verification_inputs', '-')}")
     written = [*report.get("artifacts", {}), REPORT_FILE]
     lines.append(f"wrote {', '.join(written)} to {report['out_dir']}")
     return "\n".join(lines)
+
+
+def _layer_summary(trt: Mapping[str, Any]) -> str:
+    """The engine's convolution layers per datatype ("; convolutions fp16 19"), if recorded."""
+    convs = (trt.get("layer_precisions") or {}).get("convolution") or {}
+    return "; convolutions " + ", ".join(f"{dtype} {n}" for dtype, n in convs.items()) if convs else ""
