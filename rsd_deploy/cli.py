@@ -22,6 +22,8 @@ from .bench.runner import DEFAULT_MIN_S, Budget
 from .data import DATASETS
 from .errors import OPTION, RSDError
 from .export import DEFAULT_MAX_BATCH, TRT_TOLERANCES, ExportOptions
+from .quantize import FORMATS as QUANT_FORMATS
+from .quantize import METHODS as QUANT_METHODS
 from .training.config import DEVICES, METHODS, SCHEDULES, TrainConfig
 
 #: The defaults every option below shows and uses: the library's dataclasses own them.
@@ -134,7 +136,23 @@ def inspect_cmd(model: str, input_size: int | None, num_classes: int | None) -> 
               help=f"TensorRT profile maximum batch [default: {DEFAULT_MAX_BATCH}].")
 @click.option("--opt-batch", type=int, default=None,
               help="TensorRT profile batch to tune for [default: --max-batch].")
-@click.option("--fp16/--fp32", default=_EXPORT.fp16, help=f"TensorRT precision [default: {_EXPORT.precision}].")
+@click.option("--fp16/--fp32", default=_EXPORT.fp16,
+              help="Also write model_fp16.onnx (fp16 weights and compute, fp32 input and output), checked "
+                   "against PyTorch; with --trt the engine is built from it (fp16).")
+@click.option("--int8/--no-int8", default=_EXPORT.int8,
+              help="Also write model_int8.onnx (static Q/DQ, per-channel weights), calibrated on training "
+                   "images and written only if its validation top-1 passes --max-top1-drop; with --trt the "
+                   "engine is built from it (int8). Needs the run's data set.")
+@click.option("--int8-format", default=None, metavar="|".join(QUANT_FORMATS),
+              help="ort: uint8 activations for ONNX Runtime's CPU kernels; trt: symmetric int8 for TensorRT "
+                   "[default: trt with --trt, else ort].")
+@click.option("--calib-samples", type=int, default=None,
+              help=f"Training images to calibrate on [default: {_EXPORT.calib_samples}].")
+@click.option("--calib-method", default=None, metavar="|".join(QUANT_METHODS),
+              help=f"Calibration method [default: {_EXPORT.calib_method}].")
+@click.option("--max-top1-drop", type=float, default=None, metavar="PTS",
+              help=f"Points of validation top-1 the int8 model may lose against fp32 [default: "
+                   f"{_EXPORT.max_top1_drop:g}].")
 @click.option("--profile", "profile", type=click.Path(path_type=str), default=None,
               help="JSON file of options (see export/); flags given here override it.")
 @click.option("--keep-unfused/--no-keep-unfused", default=_EXPORT.keep_unfused,
@@ -153,8 +171,9 @@ def fuse_export_cmd(ctx: click.Context, run_dir: str, profile: str | None, **fla
     """Fuse a training run into the plain network and export verified artifacts.
 
     Writes model.safetensors and run.json (deploy form), model.onnx (--onnx),
-    model_unfused.onnx (--keep-unfused), model.engine and timing.cache (--trt) and
-    report.json to --out, each only after its checks pass. Exit status: 0 when
+    model_unfused.onnx (--keep-unfused), model_fp16.onnx (--fp16), model_int8.onnx
+    (--int8), model.engine and timing.cache (--trt) and report.json to --out, each
+    only after its checks pass. Exit status: 0 when
     everything asked for was written; 1 on bad input or a failed check (nothing
     written); 3 when --trt was asked for but TensorRT or a CUDA device is missing
     (everything else written and verified).

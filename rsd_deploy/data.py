@@ -290,9 +290,22 @@ def load_datasets(
 
 def eval_dataset(info: DataInfo) -> Dataset:
     """The validation split a run was evaluated on, with its evaluation preprocessing."""
+    return _split_dataset(info, train=False)
+
+
+def calibration_dataset(info: DataInfo) -> Dataset:
+    """The training split of a run's data set with its *evaluation* preprocessing (no
+    augmentation): the images a quantized model is calibrated on, never the validation
+    split it is judged on."""
+    return _split_dataset(info, train=True)
+
+
+def _split_dataset(info: DataInfo, train: bool) -> Dataset:
+    """The training or validation split of ``info``'s data set, with its evaluation preprocessing."""
     if info.name == "digits":
-        _, _, xva, yva = _digits()
-        return _ArrayImages(xva, yva, _transforms(info, False))
+        xtr, ytr, xva, yva = _digits()
+        images, labels = (xtr, ytr) if train else (xva, yva)
+        return _ArrayImages(images, labels, _transforms(info, False))
     if info.dir is None or not Path(info.dir).is_dir():
         raise RSDError(f"the run's data set ({info.name} at {info.dir}) is not available here")
     if info.name in ("cifar10", "cifar100"):
@@ -300,13 +313,15 @@ def eval_dataset(info: DataInfo) -> Dataset:
 
         cls = datasets.CIFAR10 if info.name == "cifar10" else datasets.CIFAR100
         try:
-            val = cls(info.dir, train=False, download=False)
+            split = cls(info.dir, train=train, download=False)
         except RuntimeError:
             raise RSDError(f"{info.name} not found under {info.dir}") from None
-        return _ArrayImages(val.data, np.asarray(val.targets), _transforms(info, False))
-    folder = Path(info.dir) / info.val_split
+        return _ArrayImages(split.data, np.asarray(split.targets), _transforms(info, False))
+    name = "train" if train else info.val_split
+    folder = Path(info.dir) / name
     if not folder.is_dir():
-        raise RSDError(f"{info.dir} has no {info.val_split}/ folder (the run's validation split)")
+        what = "training" if train else "validation"
+        raise RSDError(f"{info.dir} has no {name}/ folder (the run's {what} split)")
     return _image_folder(folder, _transforms(info, False))
 
 

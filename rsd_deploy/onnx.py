@@ -3,10 +3,17 @@
 Input ``input`` ``(N, C, H, W)``, output ``logits``; the batch axis is dynamic
 unless a fixed batch size is asked for. Uses the TorchScript-based exporter, which
 produces every opset from 9 to its newest quickly and deterministically.
+
+``precision="fp16"`` writes fp16 weights and compute behind fp32 input and output (a
+Cast after the input and one before the output): the file a strongly typed TensorRT
+build makes an fp16 engine of, and that ONNX Runtime runs on any device. It is
+exported from a half-precision copy of the module, so its graph is the fp32 graph's
+with the same operators, not a rewrite of the ONNX file.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import warnings
@@ -21,6 +28,18 @@ from .io import atomic_path
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
+PRECISIONS = ("fp32", "fp16")
+
+
+class HalfWithFloatIO(nn.Module):
+    """``model`` in fp16 behind fp32 input and output: what an fp16 ONNX file holds."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).half()  # a copy: .half() converts in place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.half()).float()
 
 
 def max_opset() -> int:
@@ -38,11 +57,13 @@ def export_onnx(
     batch: int | None = None,
     opset: int = DEFAULT_OPSET,
     metadata: Mapping[str, str] | None = None,
+    precision: str = "fp32",
 ) -> None:
     """Write ``model`` (eval mode, on CPU) to ``path`` as ONNX.
 
     ``batch=None`` makes the batch axis dynamic; an int fixes it. ``metadata`` goes
-    into the model's ``metadata_props``.
+    into the model's ``metadata_props``. ``precision``: "fp32", or "fp16" for fp16
+    weights and compute with fp32 input and output (``model`` itself is left as it is).
     """
     import onnx
 
@@ -52,9 +73,14 @@ def export_onnx(
         )
     if batch is not None and batch < 1:
         raise RSDError(f"batch size must be positive (got {batch})")
+    if precision not in PRECISIONS:
+        raise RSDError(f"an exported ONNX file is {' or '.join(PRECISIONS)}, not {precision!r}")
     model = model.eval()
     p = next(model.parameters())
-    example = torch.zeros(batch or 1, *input_shape, dtype=p.dtype, device=p.device)
+    dtype = p.dtype
+    if precision == "fp16":
+        model, dtype = HalfWithFloatIO(model).eval(), torch.float32
+    example = torch.zeros(batch or 1, *input_shape, dtype=dtype, device=p.device)
     dynamic = None if batch else {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():

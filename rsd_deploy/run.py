@@ -19,6 +19,9 @@ bare name being a zoo model. A restructured model's record holds its restructuri
      "training": {...}, "versions": {...}, "metrics": {...}, "weights_sha256": "...",
      "source": {"weights_sha256": "...", "run_dir": "...", "form": "rsd"},   # exports only
      "onnx": {...}, "tensorrt": {...}}                                         # exports only
+
+An export's ``"onnx"``: ``{"file", "opset", "batch"}``, plus ``"fp16_file"`` and
+``"int8": {"file", "format", "calib_method", "calib_samples"}`` when it wrote them.
 """
 
 from __future__ import annotations
@@ -144,10 +147,27 @@ class Source:
 
 
 @dataclass
+class Int8Info:
+    """The int8 Q/DQ file of an export and how it was quantized (see :mod:`rsd_deploy.quantize`)."""
+
+    file: str
+    format: str  #: "ort" or "trt"
+    calib_method: str
+    calib_samples: int
+
+
+@dataclass
 class OnnxInfo:
+    """The ONNX files of an export: the fp32 one, and the fp16 and int8 ones when written."""
+
     file: str
     opset: int
     batch: int | str  #: a fixed batch size, or "dynamic"
+    fp16_file: str | None = None
+    int8: Int8Info | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return fields_json(self, drop_none=True)  # exports without fp16 or int8 files keep their layout
 
 
 @dataclass

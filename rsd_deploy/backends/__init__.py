@@ -21,10 +21,11 @@ returning a :class:`~rsd_deploy.backends.base.Runner`) and add it to
 
 **Adding a precision**: in the backend's module, add it to ``TOLERANCES`` (how
 close it must come to the fp32 reference) and handle it in ``make`` and ``load``
-(torch: convert the module; onnxruntime: write a converted ONNX file; TensorRT:
-build with it). Sources are made in fp32 by :func:`make_artifact` below; a
-backend whose source must carry the precision (a quantized ONNX file for a
-TensorRT INT8 engine) is the one place to change there.
+(torch: convert the module; onnxruntime: write a converted ONNX file, fp16 or int8
+Q/DQ; TensorRT: build from a source that carries it). Sources are made in fp32 by
+:func:`make_artifact` below, unless the backend sets ``SOURCE_PRECISION``: TensorRT's
+strongly typed engines take their precision from the ONNX file, so its source is
+made at the engine's precision (an fp16 file, a ``trt``-format Q/DQ file).
 
 Backend modules are imported on first use, so ``import rsd_deploy`` loads none
 of onnxruntime, onnx or tensorrt; tests put stand-in modules in ``sys.modules``
@@ -64,9 +65,11 @@ def get_backend(name: str) -> ModuleType:
 def make_artifact(backend: ModuleType, model: Any, folder: Path, name: str, spec: ArtifactSpec) -> Any:
     """``model`` (a PyTorch module) made into ``backend``'s artifact, through its chain of sources.
 
-    Sources are made in fp32: the last backend applies ``spec.precision``.
+    Sources are made in fp32 and the last backend applies ``spec.precision``, unless it
+    sets ``SOURCE_PRECISION``: then its source is made at that precision too.
     """
     if backend.SOURCE is not None:
         source = get_backend(backend.SOURCE)
-        model = make_artifact(source, model, folder, name, dataclasses.replace(spec, precision="fp32"))
+        carried = spec if getattr(backend, "SOURCE_PRECISION", False) else dataclasses.replace(spec, precision="fp32")
+        model = make_artifact(source, model, folder, name, carried)
     return backend.make(model, folder, name, spec)

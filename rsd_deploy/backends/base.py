@@ -14,7 +14,14 @@ A *backend module* (see :mod:`rsd_deploy.backends`) is a plain module with:
     the devices it runs on, the default first;
 ``TOLERANCES``
     per precision it can make and load, the parity tolerance against the fp32
-    reference; its keys are the backend's precisions;
+    reference (None: a precision judged otherwise, as int8 is by its top-1 on
+    validation images); its keys are the backend's precisions;
+``SOURCE_PRECISION``
+    optional, default False: True when its ``SOURCE``'s artifact must already carry
+    the precision (a strongly typed TensorRT engine is as precise as its ONNX file);
+``INT8_FORMAT``
+    for a backend with "int8": the Q/DQ format of :mod:`rsd_deploy.quantize` it runs
+    fast ("ort" or "trt");
 ``available(device) -> Availability``
     whether it can run here, and if not why;
 ``deployed(deploy_dir, input_shape, batch_sizes) -> ArtifactSpec``
@@ -29,16 +36,19 @@ A *backend module* (see :mod:`rsd_deploy.backends`) is a plain module with:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from ..errors import RSDError, option
 from ..onnx import DEFAULT_OPSET
+
+if TYPE_CHECKING:
+    from ..quantize import Calibration
 
 Array = torch.Tensor | np.ndarray
 DEVICES = ("cpu", "cuda")
@@ -74,7 +84,8 @@ class ArtifactSpec:
     """How to make an artifact; one spec makes the models of a comparison alike.
 
     ``batch``: a fixed ONNX batch (``None``: dynamic); ``profile``: a TensorRT
-    engine's ``(min, opt, max)`` batch.
+    engine's ``(min, opt, max)`` batch; ``calibration``: the images and settings an
+    int8 artifact is quantized with (:mod:`rsd_deploy.quantize`).
     """
 
     input_shape: tuple[int, int, int]
@@ -82,11 +93,16 @@ class ArtifactSpec:
     batch: int | None = None
     opset: int = DEFAULT_OPSET
     profile: tuple[int, int, int] | None = None
+    calibration: Calibration | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         parts = [f"opset {self.opset}", f"batch {self.batch or 'dynamic'}"]
+        if self.precision == "int8" and self.calibration is not None:
+            parts.append(self.calibration.describe())
+        elif self.precision != "fp32" or self.profile is not None:
+            parts.append(self.precision)
         if self.profile is not None:
-            parts += [self.precision, "engine profile {}/{}/{}".format(*self.profile)]
+            parts.append("engine profile {}/{}/{}".format(*self.profile))
         return ", ".join(parts)
 
 

@@ -29,7 +29,11 @@ LABEL = "ONNX Runtime"
 SOURCE = "torch"
 FILE = "model.onnx"
 DEVICES = ("cpu", "cuda")
-TOLERANCES = {"fp32": Tolerance(atol=1e-4, rtol=1e-4)}
+#: fp16 (fp16 weights and compute, fp32 input and output) against the fp32 reference, as
+#: TensorRT's fp16; int8 has no logit tolerance: it is judged by its top-1 on validation
+#: images (:func:`rsd_deploy.quantize.accuracy_gate`).
+TOLERANCES = {"fp32": Tolerance(atol=1e-4, rtol=1e-4), "fp16": Tolerance(atol=1e-2, rtol=2e-2), "int8": None}
+INT8_FORMAT = "ort"  # uint8 activations: what ONNX Runtime's CPU kernels run fast
 _THIS = sys.modules[__name__]
 
 
@@ -80,10 +84,26 @@ def deployed(deploy_dir: Path, input_shape: tuple[int, int, int], batch_sizes: S
 
 
 def make(source: nn.Module, folder: Path, name: str, spec: ArtifactSpec) -> Path:
-    """``source`` exported to ``folder/NAME.onnx`` with the spec's opset and batch axis."""
+    """``source`` exported to ``folder/NAME.onnx`` with the spec's opset, batch axis and precision.
+
+    fp16: exported from a half-precision copy (fp32 input and output); int8: the fp32
+    file (``NAME_fp32.onnx``) quantized with ``spec.calibration``.
+    """
+    from ..quantize import MIN_OPSET, quantize_onnx
+
     check_precision(_THIS, spec.precision)
     path = Path(folder) / f"{name}.onnx"
-    export_onnx(source, path, input_shape=spec.input_shape, batch=spec.batch, opset=spec.opset)
+    if spec.precision != "int8":
+        export_onnx(source, path, input_shape=spec.input_shape, batch=spec.batch, opset=spec.opset,
+                    precision=spec.precision)
+        return path
+    if spec.calibration is None:
+        raise RSDError("an int8 ONNX file needs calibration images (ArtifactSpec.calibration)")
+    if spec.opset < MIN_OPSET:
+        raise RSDError(f"int8 files (per-channel Q/DQ) need opset {MIN_OPSET} or later, not {spec.opset}")
+    fp32 = Path(folder) / f"{name}_fp32.onnx"
+    export_onnx(source, fp32, input_shape=spec.input_shape, batch=spec.batch, opset=spec.opset)
+    quantize_onnx(fp32, path, spec.calibration, batch=spec.batch)
     return path
 
 

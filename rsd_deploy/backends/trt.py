@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 NAME = "trt"
 LABEL = "TensorRT"
 SOURCE = "ort"  # engines are built from the ONNX file
+SOURCE_PRECISION = True  # strongly typed: the ONNX file carries the engine's precision
+INT8_FORMAT = "trt"  # symmetric int8 Q/DQ: TensorRT's explicit quantization
 FILE = "model.engine"
 DEVICES = ("cuda",)
 #: Against ONNX Runtime, per engine precision (TF32 off for fp32). int8: against ONNX

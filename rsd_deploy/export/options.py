@@ -4,6 +4,11 @@ keyword arguments, a JSON profile (the ``export/`` folder) or command-line overr
 Fields are checked by the one dataclass-from-mapping validator (:mod:`rsd_deploy.schema`);
 ``batch`` has its own parser ("dynamic" or a positive integer). Messages name options by
 field (:func:`rsd_deploy.errors.option`).
+
+Precisions: ``fp16`` writes an fp16 ONNX file beside the fp32 one; ``int8`` an int8
+Q/DQ file (:mod:`rsd_deploy.quantize`), calibrated on training images and written only
+when its top-1 on validation images stays within ``max_top1_drop`` points of the fp32
+model's. A TensorRT engine is built from the file of its precision (:attr:`ExportOptions.precision`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from ..backends.trt import TOLERANCES as TRT_TOLERANCES
 from ..errors import RSDError, option
 from ..io import read_json
 from ..onnx import DEFAULT_OPSET, max_opset
-from ..schema import AT_LEAST_1, check_values, from_mapping
+from ..quantize import DEFAULT_CALIB_SAMPLES, DEFAULT_MAX_TOP1_DROP, DEFAULT_METHOD, FORMATS, METHODS, MIN_OPSET
+from ..quantize import check_choice as _check_choice
+from ..schema import AT_LEAST_1, NON_NEGATIVE, check_values, from_mapping
 from ..verify import Tolerance
 
 DEFAULT_MAX_BATCH = 64
@@ -34,7 +41,12 @@ class ExportOptions:
     batch: int | None = None  #: fixed ONNX batch size; None makes the batch axis dynamic
     max_batch: int | None = None  #: TensorRT profile maximum (default 64, or the fixed batch)
     opt_batch: int | None = None  #: TensorRT profile optimum (default max_batch)
-    fp16: bool = False  #: TensorRT fp16 engine
+    fp16: bool = False  #: also write model_fp16.onnx (fp16 compute, fp32 input/output); with trt, an fp16 engine
+    int8: bool = False  #: also write model_int8.onnx (static Q/DQ), gated on validation top-1; with trt, an int8 engine
+    int8_format: str | None = None  #: "ort" or "trt" (default: "trt" when building an engine, else "ort")
+    calib_samples: int = DEFAULT_CALIB_SAMPLES  #: training images the int8 ranges are calibrated on
+    calib_method: str = DEFAULT_METHOD  #: "minmax", "entropy" or "percentile"
+    max_top1_drop: float = DEFAULT_MAX_TOP1_DROP  #: points of validation top-1 int8 may lose against fp32
     keep_unfused: bool = False  #: also export the unfused training form (model_unfused.onnx)
     atol: float = 1e-4  #: fp32 parity tolerance (PyTorch, ONNX Runtime)
     rtol: float = 1e-4  #: relative to max|logit| of the reference
@@ -53,11 +65,18 @@ class ExportOptions:
 
     @property
     def writes_onnx(self) -> bool:
-        return self.onnx or self.trt
+        """model.onnx is written: asked for, or the source of an engine or of another precision's file."""
+        return self.onnx or self.trt or self.fp16 or self.int8
 
     @property
     def precision(self) -> str:
-        return "fp16" if self.fp16 else "fp32"
+        """The TensorRT engine's precision: the file it is built from carries it."""
+        return "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
+
+    @property
+    def quant_format(self) -> str:
+        """The int8 Q/DQ format: as asked, else the one the engine (or ONNX Runtime) wants."""
+        return self.int8_format or ("trt" if self.trt else "ort")
 
     def trt_profile(self) -> tuple[int, int, int]:
         """``(min, opt, max)`` batch of the TensorRT engine."""
@@ -91,12 +110,29 @@ class ExportOptions:
         check_values(self, _RANGES, option)
         Tolerance(self.atol, self.rtol)
         self.trt_tolerance()
+        self._validate_precisions()
         if self.trt:
             self.trt_profile()
 
+    def _validate_precisions(self) -> None:
+        """int8's settings, and one precision per TensorRT engine, built from the file that carries it."""
+        _check_choice(self.calib_method, METHODS, "calib_method")
+        if self.int8_format is not None:
+            _check_choice(self.int8_format, FORMATS, "int8_format")
+        if self.int8 and self.opset < MIN_OPSET:
+            raise RSDError(f"{option('int8')} quantizes weights per channel, which needs {option('opset')} "
+                           f"{MIN_OPSET} or later (got {self.opset})")
+        if self.trt and self.int8 and self.fp16:
+            raise RSDError(f"a TensorRT engine has one precision: ask for {option('fp16')} or {option('int8')}, "
+                           "not both")
+        if self.trt and self.int8 and self.quant_format != "trt":
+            raise RSDError(f"a TensorRT int8 engine is built from the symmetric 'trt' Q/DQ file: set "
+                           f"{option('int8_format')} trt (or leave it unset)")
+
 
 #: Ranges of the options (every number is also checked to be finite; see schema.check_values).
-_RANGES = {"batch": AT_LEAST_1, "max_batch": AT_LEAST_1, "opt_batch": AT_LEAST_1, "samples": AT_LEAST_1}
+_RANGES = {"batch": AT_LEAST_1, "max_batch": AT_LEAST_1, "opt_batch": AT_LEAST_1, "samples": AT_LEAST_1,
+           "calib_samples": AT_LEAST_1, "max_top1_drop": NON_NEGATIVE}
 
 
 def _parsers(where: str) -> dict[str, Callable[[Any], Any]]:

@@ -32,6 +32,15 @@ def format_report(report: Mapping[str, Any]) -> str:
         if "unfused_minus_fused" in a:
             diff = ", ".join(f"{op} {n:+d}" for op, n in a["unfused_minus_fused"].items())
             lines.append(f"unfused graph vs fused: {diff or 'same operators'}")
+    int8 = report.get("int8")
+    if int8:
+        cal = int8["calibration"]
+        lines.append(
+            f"int8: top-1 {int8['fp32_top1']:.2f}% fp32 -> {int8['int8_top1']:.2f}% int8 (drop "
+            f"{int8['top1_drop']:.2f} points, at most {int8['max_top1_drop']:g}; agreement "
+            f"{int8['top1_agreement']:.4f}; {int8['images']} validation images); {cal['format']} format, "
+            f"{cal['method']} calibration on {cal['images']}"
+        )
     trt = report.get("tensorrt")
     if trt:
         lines.append(f"tensorrt: {trt['status']}" + (

@@ -28,13 +28,26 @@ from ..errors import RSDError, option
 from ..fuse import fuse_model
 from ..io import save_tensors, sha256_file, write_json
 from ..onnx import export_onnx
-from ..run import RUN_FILE, WEIGHTS_FILE, OnnxInfo, RunInfo, Source, TensorRTProfile, load_run, load_state
+from ..quantize import Calibration, accuracy_gate, calibrate, gate_message, quantize_onnx, validation_set
+from ..run import (
+    RUN_FILE,
+    WEIGHTS_FILE,
+    Int8Info,
+    OnnxInfo,
+    RunInfo,
+    Source,
+    TensorRTProfile,
+    load_run,
+    load_state,
+)
 from ..verify import Tolerance, logits, parity, require, tile_batch, torch_logits, verification_inputs
 from .options import ExportOptions
 from .report import REPORT_FILE
 from .staging import Staging
 
 ONNX_FILE = "model.onnx"
+FP16_ONNX_FILE = "model_fp16.onnx"
+INT8_ONNX_FILE = "model_int8.onnx"
 UNFUSED_ONNX_FILE = "model_unfused.onnx"
 ENGINE_FILE = "model.engine"
 TIMING_CACHE_FILE = "timing.cache"
@@ -44,7 +57,10 @@ DEPLOY_DIR = "deploy"
 #: this export does not produce is removed when the new artifacts are published,
 #: so the folder never mixes two exports. The timing cache is kept: it only
 #: speeds up later builds and TensorRT checks it before use.
-OWNED = (WEIGHTS_FILE, RUN_FILE, ONNX_FILE, UNFUSED_ONNX_FILE, ENGINE_FILE, REPORT_FILE)
+OWNED = (WEIGHTS_FILE, RUN_FILE, ONNX_FILE, FP16_ONNX_FILE, INT8_ONNX_FILE, UNFUSED_ONNX_FILE, ENGINE_FILE,
+         REPORT_FILE)
+#: The ONNX file a TensorRT engine of each precision is built from (strongly typed: the file carries it).
+ENGINE_SOURCES = {"fp32": ONNX_FILE, "fp16": FP16_ONNX_FILE, "int8": INT8_ONNX_FILE}
 
 #: Files a training run keeps beside model.safetensors and run.json (training/loop.py,
 #: training/checkpoint.py): a folder holding one of them is a run, never an export's.
@@ -72,6 +88,8 @@ class Export:
     ref_fused: Tensor | None = None  #: and through the fused model
     deploy: RunInfo | None = None  #: the deploy run.json being made
     graph: dict[str, int] = field(default_factory=dict)  #: operator histogram of model.onnx
+    calibration: Calibration | None = None  #: int8: training images to calibrate on
+    val_set: Any = None  #: int8: the validation split the accuracy gate runs on
 
     @property
     def checks(self) -> list[dict[str, Any]]:
@@ -159,6 +177,15 @@ def fuse(ex: Export) -> None:
     ex.fused = fuse_model(ex.model)
 
 
+def prepare_int8(ex: Export) -> None:
+    """int8's real images, before anything is staged: the calibration images (training
+    split) and the validation split of the gate; RSDError when the run's data set is not here."""
+    opts = ex.opts
+    ex.calibration = calibrate(ex.info.data, opts.calib_samples, opts.calib_method, opts.quant_format)
+    ex.val_set = validation_set(ex.info.data)
+    log.info(f"int8: calibrating on {ex.calibration.source}, judging on {len(ex.val_set)} validation images")
+
+
 def plan(opts: ExportOptions) -> list[Step]:
     """The staged steps ``opts`` asks for, in order; the report comes last."""
     steps: list[Step] = [verify_pytorch, write_deploy_weights]
@@ -166,6 +193,10 @@ def plan(opts: ExportOptions) -> list[Step]:
         steps += [write_onnx, audit_graph, verify_onnxruntime]
         if opts.keep_unfused:
             steps.append(write_unfused_onnx)
+    if opts.fp16:
+        steps.append(write_fp16_onnx)
+    if opts.int8:
+        steps.append(write_int8_onnx)
     if opts.trt:
         steps.append(build_tensorrt)
     return steps + [write_report]
@@ -265,8 +296,48 @@ def write_unfused_onnx(ex: Export) -> None:
                     ex.tol, batch=batch))
 
 
+def write_fp16_onnx(ex: Export) -> None:
+    """model_fp16.onnx (fp16 weights and compute, fp32 input and output), checked against the
+    fused PyTorch model in fp32 at fp16 tolerances, at batch 1 and at a larger batch."""
+    opts, path = ex.opts, ex.stage / FP16_ONNX_FILE
+    log.info("exporting the fp16 ONNX file")
+    metadata = {**onnx_metadata(ex.info, "deploy", ex.source_sha), "precision": "fp16"}
+    export_onnx(ex.fused, path, input_shape=ex.info.input_shape, batch=opts.batch, opset=opts.opset,
+                metadata=metadata, precision="fp16")
+    check_onnx(path)
+    ex.checks.append({"name": f"onnx.checker full check, {FP16_ONNX_FILE}", "passed": True,
+                      "file": FP16_ONNX_FILE})
+    ort = get_backend("ort")
+    runner = ort.load(path, precision="fp16")
+    for batch, xs, ref in ort_batches(ex.x, ex.ref_fused, opts.batch):
+        ex.check(parity(f"onnxruntime fp16 vs pytorch fused, batch {batch}", ref, logits(runner, xs, batch),
+                        ort.TOLERANCES["fp16"], batch=batch))
+    ex.deploy.onnx.fp16_file = FP16_ONNX_FILE
+
+
+def write_int8_onnx(ex: Export) -> None:
+    """model_int8.onnx: model.onnx quantized (calibrated on training images), kept only when its
+    top-1 on the validation images stays within ``max_top1_drop`` points of model.onnx's."""
+    opts, cal, path = ex.opts, ex.calibration, ex.stage / INT8_ONNX_FILE
+    quantize_onnx(ex.stage / ONNX_FILE, path, cal, batch=opts.batch)
+    check_onnx(path)
+    ex.checks.append({"name": f"onnx.checker full check, {INT8_ONNX_FILE}", "passed": True,
+                      "file": INT8_ONNX_FILE})
+    ort = get_backend("ort")
+    log.info(f"int8 gate: top-1 against model.onnx on {len(ex.val_set)} validation images")
+    gate = accuracy_gate(ort.load(ex.stage / ONNX_FILE), ort.load(path, precision="int8"), ex.val_set,
+                         max_top1_drop=opts.max_top1_drop, batch=opts.batch)
+    ex.checks.append(gate)
+    ex.report["int8"] = {"file": INT8_ONNX_FILE, "calibration": cal.to_json(),
+                         **{k: v for k, v in gate.items() if k not in ("name", "passed")}, "passed": gate["passed"]}
+    if not gate["passed"]:
+        raise RSDError(gate_message(gate))
+    ex.deploy.onnx.int8 = Int8Info(INT8_ONNX_FILE, cal.format, cal.method, cal.samples)
+
+
 def build_tensorrt(ex: Export) -> None:
-    """A TensorRT engine checked against ONNX Runtime; "unavailable" (not an error) without TensorRT."""
+    """A TensorRT engine built from the ONNX file of its precision and checked against ONNX
+    Runtime; "unavailable" (not an error) without TensorRT."""
     opts, stage = ex.opts, ex.stage
     trt = get_backend("trt")
     availability = trt.available("cuda")
@@ -278,18 +349,20 @@ def build_tensorrt(ex: Export) -> None:
     cache = stage / TIMING_CACHE_FILE
     if (ex.out / TIMING_CACHE_FILE).is_file():
         shutil.copyfile(ex.out / TIMING_CACHE_FILE, cache)
-    log.info(f"building a TensorRT {opts.precision} engine, batch profile ({lo}, {opt}, {hi})")
-    built = trt.build_engine(stage / ONNX_FILE, stage / ENGINE_FILE, input_shape=ex.info.input_shape,
+    source = ENGINE_SOURCES[opts.precision]
+    log.info(f"building a TensorRT {opts.precision} engine from {source}, batch profile ({lo}, {opt}, {hi})")
+    built = trt.build_engine(stage / source, stage / ENGINE_FILE, input_shape=ex.info.input_shape,
                              min_batch=lo, opt_batch=opt, max_batch=hi, precision=opts.precision,
                              timing_cache=cache)
     runner = trt.load(stage / ENGINE_FILE, precision=opts.precision)
-    reference = get_backend("ort").load(stage / ONNX_FILE)
+    # fp32 and fp16 engines against the fp32 file; an int8 engine against ONNX Runtime running its Q/DQ file.
+    reference = get_backend("ort").load(stage / (INT8_ONNX_FILE if opts.precision == "int8" else ONNX_FILE))
     tol = opts.trt_tolerance()
     for batch in sorted({lo, hi}):
         xs = tile_batch(ex.x, batch)
         ex.check(parity(f"tensorrt {opts.precision} vs onnxruntime, batch {batch}",
                         logits(reference, xs, opts.batch), logits(runner, xs), tol, batch=batch))
-    ex.report["tensorrt"] = {"status": "built", **built}
+    ex.report["tensorrt"] = {"status": "built", "onnx_file": source, **built}
     ex.deploy.tensorrt = TensorRTProfile(built["min_batch"], built["opt_batch"], built["max_batch"],
                                          built["precision"])
 
@@ -363,7 +436,8 @@ def publish(ex: Export) -> None:
 def fuse_export(run_dir: str | os.PathLike, options: ExportOptions | None = None) -> dict[str, Any]:
     """Fuse, verify and export the run in ``run_dir``; returns the report (also ``report.json``).
 
-    Raises :class:`RSDError` on bad input or a failed check, leaving no artifact.
+    Raises :class:`RSDError` on bad input or a failed check, leaving no artifact: a
+    refused int8 accuracy gate, and ``int8`` for a run whose data set is not here, too.
     When TensorRT was asked for but TensorRT or a CUDA device is missing, the other
     artifacts are still written and ``report["tensorrt"]["status"]`` is
     ``"unavailable"`` with the reason in ``report["tensorrt"]["error"]``.
@@ -371,6 +445,8 @@ def fuse_export(run_dir: str | os.PathLike, options: ExportOptions | None = None
     opts = options or ExportOptions()
     opts.validate()
     ex = start(Path(run_dir), opts)
+    if opts.int8:
+        prepare_int8(ex)
     fuse(ex)
     with Staging(ex.out, OWNED) as ex.stage:
         for step in plan(opts):
