@@ -226,9 +226,13 @@ def _backend_flags(command):
               help=f"Time every model for at least this many seconds [default: {DEFAULT_MIN_S:g}].")
 @click.option("--iters", type=int, default=None, help="Instead of --min-s: this many rounds of one call per model.")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores available].")
+@click.option("--precision", default=None, metavar="fp32|fp16|int8",
+              help="Time the models at this precision, each converted the same way (int8: calibrated on "
+                   "the same training images), plus the fused model at fp32 for the speed-up [default: the "
+                   "deploy artifact's, fp32 for --ort].")
 @click.option("--out", default=None, type=click.Path(path_type=str), help="Report folder [default: RUN_DIR/bench].")
 @click.option("--quiet", is_flag=True, help="Print only the result.")
-def bench_cmd(run_dir, deploy, device, baseline, batch_sizes, warmup_s, min_s, iters, threads, out, quiet,
+def bench_cmd(run_dir, deploy, device, baseline, batch_sizes, warmup_s, min_s, iters, threads, precision, out, quiet,
               **use) -> None:
     """Time an RSD run unfused, fused and against a plain baseline: is there any inference overhead?
 
@@ -246,8 +250,9 @@ def bench_cmd(run_dir, deploy, device, baseline, batch_sizes, warmup_s, min_s, i
     budget = Budget(warmup_s=warmup_s, min_s=min_s, iters=iters)
     _show_progress("bench", quiet)
     result = bench_run(run_dir, chosen[0], device=device, baseline=baseline, deploy=deploy, batch_sizes=batch_sizes,
-                       budget=budget, threads=threads, out=out)
-    click.echo(f"{result['model']}: {result['backend']} on {result['device']}, {result['threads']} threads")
+                       budget=budget, threads=threads, out=out, precision=precision)
+    click.echo(f"{result['model']}: {result['backend']} on {result['device']}, {result['threads']} threads, "
+               f"{result['precision']}")
     for e in result["results"]:
         m, uf = e["models"], e["ratios"]["unfused/fused"]
         click.echo(
@@ -255,6 +260,10 @@ def bench_cmd(run_dir, deploy, device, baseline, batch_sizes, warmup_s, min_s, i
             f"{m['fused']['median_ms']:.3g}, baseline {m['baseline']['median_ms']:.3g}; "
             f"unfused/fused {uf['value']:.2f}x ({uf['lo']:.2f}-{uf['hi']:.2f}); {e['verdict']['text']}"
         )
+        sp = e["ratios"].get("fused_fp32/fused")
+        if sp:
+            click.echo(f"batch {e['batch']:>4}: fused {result['precision']} vs fp32 (median ms "
+                       f"{m['fused_fp32']['median_ms']:.3g}): {sp['value']:.2f}x faster ({sp['lo']:.2f}-{sp['hi']:.2f})")
         for w in e["warnings"]:
             click.echo(f"warning: batch {e['batch']}: {_as_flags(w, bench_cmd, main)}", err=True)
     click.echo(f"verdict: {result['verdict']['status']}")

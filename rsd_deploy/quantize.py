@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -174,9 +175,37 @@ def _filled(images: np.ndarray, batch: int | None) -> np.ndarray:
     return np.resize(images, (n, *images.shape[1:]))
 
 
+@contextlib.contextmanager
+def _root_logger_kept() -> Iterator[None]:
+    """Put the root logger's handlers and level back as they were on leaving.
+
+    ``onnxruntime.quantization`` configures the root logger: its import runs
+    ``logging.basicConfig(level=INFO)`` (``matmul_nbits_quantizer``) and its functions log
+    through ``logging.info`` & co., which add a root handler when there is none. That
+    handler would print every line this library logs a second time.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def _ort_quantization() -> ModuleType:
+    """``onnxruntime.quantization`` (with ``quant_pre_process``), imported with the root logger kept."""
+    with _root_logger_kept():
+        import onnxruntime.quantization as quantization
+        import onnxruntime.quantization.shape_inference  # noqa: F401  (quant_pre_process)
+    return quantization
+
+
 def _quantize_args(calibration: Calibration) -> dict[str, Any]:
     """``quantize_static``'s keyword arguments for ``calibration``'s format and method."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    q = _ort_quantization()
+    CalibrationMethod, QuantFormat, QuantType = q.CalibrationMethod, q.QuantFormat, q.QuantType
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -216,18 +245,17 @@ def quantize_onnx(
     ``quantization`` (format, method, samples).
     """
     import onnx
-    from onnxruntime.quantization import quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    q = _ort_quantization()
     src, dst = Path(src), Path(dst)
     reader = reader or CalibrationReader(_filled(calibration.images, batch), batch or CALIB_BATCH)
     log.info(f"quantizing {src.name}: {calibration.describe()}")
     with tempfile.TemporaryDirectory(prefix="rsd-quantize-") as tmp_name:
         tmp = Path(tmp_name)
         try:
-            with _quiet():
-                quant_pre_process(str(src), str(tmp / "pre.onnx"))
-                quantize_static(str(tmp / "pre.onnx"), str(tmp / "int8.onnx"), reader, **_quantize_args(calibration))
+            with _quiet(), _root_logger_kept():
+                q.shape_inference.quant_pre_process(str(src), str(tmp / "pre.onnx"))
+                q.quantize_static(str(tmp / "pre.onnx"), str(tmp / "int8.onnx"), reader, **_quantize_args(calibration))
         except Exception as e:  # onnxruntime raises its own exception types for graphs it cannot quantize
             raise RSDError(f"ONNX Runtime cannot quantize {src.name}: {str(e).strip().splitlines()[0][:200]}") from None
         proto = onnx.load(str(tmp / "int8.onnx"))

@@ -18,6 +18,8 @@ from ..io import atomic_path, write_json
 
 JSON_FILE, TIMINGS_FILE, MARKDOWN_FILE, PLOT_FILE = "bench.json", "timings.json", "bench.md", "bench.png"
 ROLES = ("unfused", "fused", "baseline")
+#: The fused model at fp32, timed beside the three when they run at another precision (its speed-up).
+FP32_ROLE = "fused_fp32"
 _PACKAGES = ("torch", "onnxruntime-gpu", "onnxruntime", "onnx", "numpy", "tensorrt")
 
 
@@ -136,32 +138,42 @@ def markdown(result: dict[str, Any]) -> str:
         f"**{result['verdict']['text']}**",
         "",
         f"Machine: {m['gpu']['name'] + ', ' if m.get('gpu') else ''}{m['cpu']}, "
-        f"{m['available_cores']} cores, {result['threads']} threads; precision {result['precision']}.",
+        f"{m['available_cores']} cores, {result['threads']} threads; precision {result['precision']}"
+        + (f", {_calibration_text(result['calibration'])}" if result.get("calibration") else "") + ".",
         "",
         "| batch | model | median ms | 95% CI | mean | p90 | p99 | min | std | images/s |",
         "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in result["results"]:
-        for role in ROLES:
+        for role in entry["models"]:
             s, ci = entry["models"][role], entry["median_ci_ms"][role]
             lines.append(
                 f"| {entry['batch']} | {role} | {_f(s['median_ms'])} | {_f(ci['lo'])}-{_f(ci['hi'])} | "
                 f"{_f(s['mean_ms'])} | {_f(s['p90_ms'])} | {_f(s['p99_ms'])} | {_f(s['min_ms'])} | "
                 f"{_f(s['std_ms'])} | {s['throughput_ips']:.1f} |"
             )
-    lines += ["", "| batch | rounds | unfused/fused (95% CI) | fused/baseline (95% CI) | verdict |",
-              "|---:|---:|---|---|---|"]
+    speedup = f"{FP32_ROLE}/fused"
+    timed_fp32 = any(speedup in e["ratios"] for e in result["results"])
+    head = f" {result['precision']} speed-up of fused, fp32/{result['precision']} (95% CI) |" if timed_fp32 else ""
+    lines += ["", f"| batch | rounds | unfused/fused (95% CI) | fused/baseline (95% CI) |{head} verdict |",
+              "|---:|---:|---|---|" + ("---|" if timed_fp32 else "") + "---|"]
     for entry in result["results"]:
         uf, fb = entry["ratios"]["unfused/fused"], entry["ratios"]["fused/baseline"]
+        sp = entry["ratios"].get(speedup)
+        cell = f" {sp['value']:.2f}x ({sp['lo']:.2f}-{sp['hi']:.2f}) |" if sp else ""
         lines.append(
             f"| {entry['batch']} | {entry['rounds']} | {uf['value']:.2f}x ({uf['lo']:.2f}-{uf['hi']:.2f}) | "
-            f"{fb['value']:.3f} ({fb['lo']:.3f}-{fb['hi']:.3f}) | {entry['verdict']['status']} |"
+            f"{fb['value']:.3f} ({fb['lo']:.3f}-{fb['hi']:.3f}) |{cell} {entry['verdict']['status']} |"
         )
     warnings = [f"batch {e['batch']}: {w}" for e in result["results"] for w in e["warnings"]]
     if warnings:
         lines += ["", "Warnings:", *[f"- {w}" for w in warnings]]
-    lines += ["", "Models:", *[f"- {r}: {result['models'][r]['description']}" for r in ROLES], ""]
+    lines += ["", "Models:", *[f"- {r}: {info['description']}" for r, info in result["models"].items()], ""]
     return "\n".join(lines)
+
+
+def _calibration_text(cal: dict[str, Any]) -> str:
+    return f"int8 {cal['format']} format, {cal['method']} calibration on {cal['images']}"
 
 
 # Chart ---------------------------------------------------------------------------------
@@ -175,13 +187,14 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
     fig = Figure(figsize=(3.2 * len(entries) + 0.8, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(entries), squeeze=False)[0]
-    colors = {"unfused": "#c44e52", "fused": "#4c72b0", "baseline": "#8c8c8c"}
+    colors = {"unfused": "#c44e52", "fused": "#4c72b0", "baseline": "#8c8c8c", FP32_ROLE: "#a6bddb"}
     for ax, entry in zip(axes, entries, strict=True):
-        med = [entry["models"][r]["median_ms"] for r in ROLES]
-        ci = [entry["median_ci_ms"][r] for r in ROLES]
+        roles = list(entry["models"])
+        med = [entry["models"][r]["median_ms"] for r in roles]
+        ci = [entry["median_ci_ms"][r] for r in roles]
         err = [[max(0.0, m - c["lo"]) for m, c in zip(med, ci, strict=True)],
                [max(0.0, c["hi"] - m) for m, c in zip(med, ci, strict=True)]]
-        ax.bar(ROLES, med, yerr=err, capsize=4, color=[colors[r] for r in ROLES])
+        ax.bar(roles, med, yerr=err, capsize=4, color=[colors[r] for r in roles])
         uf, fb = entry["ratios"]["unfused/fused"]["value"], entry["ratios"]["fused/baseline"]["value"]
         ax.set_title(f"batch {entry['batch']}\nunfused/fused {uf:.2f}x, fused/base {fb:.3f}", fontsize=9)
         ax.set_ylabel("median latency (ms)")
