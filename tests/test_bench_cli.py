@@ -288,10 +288,14 @@ def test_trt_orchestration_builds_the_others_with_the_fused_engines_settings(
     """Everything but the GPU: which engines get built, with which profile, and what is timed.
 
     The TensorRT backend's ``build_engine`` records its calls and ``load`` gives stand-in
-    runners; the timers are deterministic (unfused 4 ms, baseline 1 ms, fused 1 or 1.1 ms),
-    so the whole analysis down to the verdict is pinned.
+    runners; the timers are deterministic (unfused 4 ms, baseline 1 ms, fused 1 or 1.1 ms,
+    the fused model at fp32 2 ms), so the whole analysis down to the verdict is pinned.
+    The engine is fp16: strongly typed builds take it from the ONNX file, so the others are
+    built from fp16 files, and the fused model's fp32 reference from an fp32 one.
     """
     import types
+
+    import onnx
 
     profile = {"min_batch": 1, "opt_batch": 8, "max_batch": 16, "precision": "fp16"}
     run_dir = untrained_run(runs, "resnet20", seed=9, tensorrt=profile, dirname=f"fake-trt-{status}")
@@ -299,8 +303,8 @@ def test_trt_orchestration_builds_the_others_with_the_fused_engines_settings(
     built = []
 
     def build_engine(onnx_path, engine_path, **kwargs):
-        assert Path(onnx_path).is_file()
-        built.append((Path(onnx_path).name, kwargs))
+        weights = {i.data_type for i in onnx.load(str(onnx_path)).graph.initializer}
+        built.append((Path(onnx_path).name, kwargs, weights))
         Path(engine_path).write_bytes(b"engine")
 
     def load(path, *, device, precision, threads):
@@ -311,16 +315,19 @@ def test_trt_orchestration_builds_the_others_with_the_fused_engines_settings(
     monkeypatch.setattr(trt_backend, "available", lambda device: Availability())
     monkeypatch.setattr(trt_backend, "build_engine", build_engine)
     monkeypatch.setattr(trt_backend, "load", load)
-    latency = {"model.engine": fused_ms * 1e-3, "unfused.engine": 4e-3, "baseline.engine": 1e-3}
+    latency = {"model.engine": fused_ms * 1e-3, "unfused.engine": 4e-3, "baseline.engine": 1e-3,
+               "fused_fp32.engine": 2e-3}
     monkeypatch.setattr(timing, "runner_timer", lambda runner, batch, shape: lambda: latency[runner.name])
 
     report = bench_run(run_dir, "trt", batch_sizes="1,16", budget=Budget(warmup_s=0, iters=6),
                        out=tmp_path / "trt")
-    assert [name for name, _ in built] == ["unfused.onnx", "baseline.onnx"]
-    for _, kwargs in built:
+    assert [name for name, _, _ in built] == ["unfused.onnx", "baseline.onnx", "fused_fp32.onnx"]
+    for name, kwargs, weights in built:
+        precision = "fp32" if name == "fused_fp32.onnx" else "fp16"
         assert kwargs == {"input_shape": (3, 32, 32), "min_batch": 1, "opt_batch": 8, "max_batch": 16,
-                          "precision": "fp16"}
-    assert loaded == ["unfused.engine", "model.engine", "baseline.engine"]
+                          "precision": precision}
+        assert weights == {onnx.TensorProto.FLOAT if precision == "fp32" else onnx.TensorProto.FLOAT16}, name
+    assert loaded == ["unfused.engine", "model.engine", "baseline.engine", "fused_fp32.engine"]
     assert report["precision"] == "fp16" and report["tensorrt_profile"] == profile
     for entry in report["results"]:
         assert entry["ratios"]["unfused/fused"]["value"] == pytest.approx(4.0 / fused_ms)
@@ -328,6 +335,7 @@ def test_trt_orchestration_builds_the_others_with_the_fused_engines_settings(
             {"value": fused_ms, "lo": fused_ms, "hi": fused_ms, "level": 0.95})
         assert entry["verdict"]["status"] == status
         assert entry["models"]["unfused"]["throughput_ips"] == pytest.approx(entry["batch"] / 4e-3)
+        assert entry["ratios"]["fused_fp32/fused"]["value"] == pytest.approx(2.0 / fused_ms)
     assert report["verdict"]["status"] == status
     expected = "no inference overhead" if status == "no_overhead" else "overhead +10.0%"
     assert expected in (tmp_path / "trt" / "bench.md").read_text()

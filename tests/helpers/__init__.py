@@ -120,8 +120,8 @@ def record_engine(deploy_dir: Path, profile: dict[str, Any]) -> None:
 
 
 @lru_cache(maxsize=2)
-def _datasets(data_dir: str):
-    return load_datasets("imagefolder", data_dir, input_size=32)
+def _datasets(data_dir: str, input_size: int = 32):
+    return load_datasets("imagefolder", data_dir, input_size=input_size)
 
 
 def fit_head(model: nn.Module, train, n: int, generator: torch.Generator) -> None:
@@ -160,20 +160,22 @@ def trained_run(
     seed: int = 0,
     form: str = "rsd",
     probe: int = 0,
+    input_size: int | None = None,
 ) -> tuple[nn.Module, RunInfo]:
     """Train ``name`` for ``steps`` steps on ``data_dir`` into ``run_dir``; optionally probe.
 
-    Returns the model (eval mode) and its record.
+    ``input_size``: the side of the images (default: the model's own). Returns the model
+    (eval mode) and its record.
     """
     config = TrainConfig(
         model=name, method="rsd" if form == "rsd" else "baseline", data="imagefolder",
         data_dir=str(data_dir), epochs=1, max_steps=steps, batch_size=batch_size, seed=seed,
-        train_samples=steps * batch_size, val_samples=64, workers=0,
+        train_samples=steps * batch_size, val_samples=64, workers=0, input_size=input_size,
     )
     train(config, run_dir)
     model, info = load_run(run_dir)
     if probe:
-        train_ds, _, _ = _datasets(str(data_dir))
+        train_ds, _, _ = _datasets(str(data_dir), info.input_size[0])
         fit_head(model, train_ds, probe, torch.Generator().manual_seed(seed))
         info.metrics["linear_probe_images"] = probe
         info = save_run(run_dir, model, info)
