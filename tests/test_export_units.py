@@ -112,8 +112,21 @@ def test_shipped_profiles_load():
     assert fp32.trt_tolerance() == Tolerance(1e-3, 1e-3)
     fp16 = load_profile(PROFILES / "trt-fp16.json")
     assert fp16.trt and fp16.fp16 and fp16.trt_tolerance() == Tolerance(1e-2, 2e-2)
-    for p in (dyn, fp32, fp16):
+    assert fp16.precision == "fp16"  # the engine is built from model_fp16.onnx
+    int8 = load_profile(PROFILES / "trt-int8.json")
+    assert int8.trt and int8.int8 and int8.precision == "int8" and int8.quant_format == "trt"
+    assert int8.trt_tolerance() == Tolerance(5e-2, 5e-2)
+    ort8 = load_profile(PROFILES / "onnx-int8.json")
+    assert ort8.int8 and not ort8.trt and ort8.quant_format == "ort" and ort8.max_top1_drop == 1.0
+    for p in (dyn, fp32, fp16, int8, ort8):
         p.validate()
+
+
+def test_int8_format_follows_the_engine_unless_asked():
+    assert ExportOptions(int8=True).quant_format == "ort"
+    assert ExportOptions(int8=True, trt=True).quant_format == "trt"
+    assert ExportOptions(int8=True, int8_format="trt").quant_format == "trt"
+    assert ExportOptions(int8=True).writes_onnx and ExportOptions(fp16=True).writes_onnx
 
 
 def test_flags_override_profile(tmp_path):
