@@ -109,6 +109,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--workers", type=int, help="data-loader processes per run [the recipe's]")
     a("--threads", type=int, default=1, help="torch threads per run [1]")
     a("--parallel", type=int, default=1, help="runs trained at once, as separate processes [1]")
+    a("--methods", type=lambda t: [m for m in t.split(",") if m], default=list(METHODS),
+      help="train only these methods' runs (e.g. baseline in one process, rsd in another on the "
+           "same --work-dir: a run folder has one writer) [baseline,rsd]")
     a("--stage", choices=("all", "sweep", "final"), default="all",
       help="sweep, final (needs a finished sweep) or both [all]")
     a("--work-dir", help="where the runs go [runs/accuracy/<name>]")
@@ -136,6 +139,8 @@ def _default_name(args: argparse.Namespace) -> str:
 
 def check_args(args: argparse.Namespace) -> None:
     """RSDError naming the first option that cannot work."""
+    if not args.methods or set(args.methods) - set(METHODS):
+        raise RSDError(f"--methods must list some of {', '.join(METHODS)} (got {args.methods})")
     if not args.lrs or any(lr <= 0 for lr in args.lrs):
         raise RSDError("--lrs must list positive learning rates")
     if not args.warmups or any(w < 0 for w in args.warmups):
@@ -929,11 +934,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = base_config(args)
         sizes = data_sizes(base, base.resolved_input_size())
         report = throttled(lambda: write_outputs(args, base, sizes), REPORT_EVERY_S)
+
+        def mine(jobs: list[Job]) -> list[Job]:  # this process trains --methods; reports show all
+            return [j for j in jobs if j.method in args.methods]
+
         if args.plot_only or args.report_only:
             write_outputs(args, base, sizes, plot_only=args.plot_only)
         else:
             if args.stage in ("all", "sweep"):
-                run_jobs(sweep_jobs(args, base), args.work_dir, args.threads, args.parallel, report)
+                run_jobs(mine(sweep_jobs(args, base)), args.work_dir, args.threads, args.parallel, report)
             if args.stage in ("all", "final"):
                 chosen = choose(collect(args, base)[0])
                 missing = [m for m, c in chosen.items() if c["setting"] is None]
@@ -942,7 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    + "; ".join(dict.fromkeys(chosen[m]["reason"] for m in missing))
                                    + (" (run --stage sweep first)" if args.stage == "final" else ""))
                 settings = {m: c["setting"] for m, c in chosen.items()}
-                run_jobs(final_jobs(args, base, settings), args.work_dir, args.threads, args.parallel, report)
+                run_jobs(mine(final_jobs(args, base, settings)), args.work_dir, args.threads, args.parallel, report)
             result = write_outputs(args, base, sizes)
             print(f"\n{result['verdict']}")
     except RSDError as e:

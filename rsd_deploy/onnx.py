@@ -85,17 +85,22 @@ def export_onnx(
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            buffer,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes=dynamic,
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                buffer,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=dynamic,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        except torch.onnx.OnnxExporterError as e:  # the model, at this input, not our code
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+            raise RSDError(f"PyTorch's ONNX exporter cannot export {type(model).__name__} at input "
+                           f"{tuple(input_shape)} (opset {opset}): {first}") from None
     proto = onnx.load_from_string(buffer.getvalue())
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()

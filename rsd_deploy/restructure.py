@@ -61,14 +61,15 @@ class RestructureReport:
         """The (conv, bn) names that were converted."""
         return [(c.conv, c.bn) for c in self.converted if c.bn is not None]
 
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, Any]:
+        """How many convs, how many converted, and how many skipped for each reason."""
         reasons: dict[str, int] = {}
         for c in self.skipped:
             reasons[c.reason or ""] = reasons.get(c.reason or "", 0) + 1
-        return {"convs": len(self.convs), "converted": len(self.converted), **reasons}
+        return {"convs": len(self.convs), "converted": len(self.converted), "skipped": reasons}
 
     def summary(self) -> str:
-        skipped = ", ".join(f"{n} {r}" for r, n in self.counts().items() if r not in ("convs", "converted"))
+        skipped = ", ".join(f"{n} {r}" for r, n in self.counts()["skipped"].items())
         return (f"{len(self.converted)} of {len(self.convs)} convs restructured"
                 + (f"; skipped: {skipped}" if skipped else ""))
 

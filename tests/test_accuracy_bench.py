@@ -123,3 +123,24 @@ def test_failure_kinds(acc):
     assert acc.failure_kind("the network collapsed in epoch 3: ...") == "collapsed"
     assert acc.failure_kind("non-finite loss (nan) at epoch 1, step 2") == "diverged"
     assert acc.failure_kind("digits not found") is None  # other errors stop the benchmark
+
+
+def test_methods_split_the_training_not_the_report(acc, tmp_path, monkeypatch):
+    """Two processes (one per method) can share a work directory; each report shows both."""
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({"model": "resnet20", "data": "digits", "batch_size": 32, "workers": 0}))
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["--config", str(recipe), "--epochs", "1", "--input-size", "8", "--sweep-input-size", "8",
+            "--train-samples", "64", "--lrs", "0.01", "--warmups", "0", "--seeds", "0", "--stage", "sweep",
+            "--workers", "0", "--work-dir", str(work), "--out-dir", str(out), "--out-name", "split"]
+    trained = []
+    real_train = acc.train
+    monkeypatch.setattr(acc, "train", lambda config, run_dir, **kw: trained.append(config.method)
+                        or real_train(config, run_dir, **kw))
+    assert acc.main(argv + ["--methods", "baseline"]) == 0 and trained == ["baseline"]
+    r = json.loads((out / "accuracy_split.json").read_text())
+    assert {(e["method"], e["status"]) for e in r["sweep"]} == {("baseline", "finished"), ("rsd", "pending")}
+    assert acc.main(argv + ["--methods", "rsd"]) == 0 and trained == ["baseline", "rsd"]
+    r = json.loads((out / "accuracy_split.json").read_text())
+    assert {(e["method"], e["status"]) for e in r["sweep"]} == {("baseline", "finished"), ("rsd", "finished")}
+    assert acc.main(argv + ["--methods", "dino"]) == 1

@@ -150,3 +150,11 @@ def test_options_validation():
     with pytest.raises(RSDError, match="finite"):
         ExportOptions(trt=True, trt_rtol=float("inf")).validate()
     assert ExportOptions(trt=True).writes_onnx
+
+
+def test_a_model_the_onnx_exporter_cannot_take_is_one_line(tmp_path):
+    # An adaptive pool to a size that does not divide its input has no ONNX form in the exporter.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(3))
+    with pytest.raises(RSDError, match=r"^PyTorch's ONNX exporter cannot export Sequential at input \(3, 4, 4\)") as e:
+        export_onnx(model, tmp_path / "m.onnx", input_shape=(3, 4, 4))
+    assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()
