@@ -76,6 +76,7 @@ def export_onnx(
     if precision not in PRECISIONS:
         raise RSDError(f"an exported ONNX file is {' or '.join(PRECISIONS)}, not {precision!r}")
     model = model.eval()
+    name = type(model).__name__  # the model's, also when wrapped for fp16
     p = next(model.parameters())
     dtype = p.dtype
     if precision == "fp16":
@@ -99,7 +100,7 @@ def export_onnx(
             )
         except torch.onnx.OnnxExporterError as e:  # the model, at this input, not our code
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
-            raise RSDError(f"PyTorch's ONNX exporter cannot export {type(model).__name__} at input "
+            raise RSDError(f"PyTorch's ONNX exporter cannot export {name} at input "
                            f"{tuple(input_shape)} (opset {opset}): {first}") from None
     proto = onnx.load_from_string(buffer.getvalue())
     for key, value in (metadata or {}).items():
