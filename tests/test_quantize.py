@@ -388,3 +388,43 @@ def _weight_type(path) -> int:
     types_ = {i.data_type for i in onnx.load(str(path)).graph.initializer if len(i.dims) == 4}
     assert len(types_) == 1
     return types_.pop()
+
+
+def test_bench_trt_int8_quantizes_the_others_as_the_engines_file_was(run16, tmp_path, monkeypatch):
+    """A TensorRT int8 engine from fuse-export (stand-in builder): bench builds the unfused model and
+    the baseline from trt-format Q/DQ files calibrated as the deploy run.json records (percentile,
+    64 images), and the fused model's fp32 reference from an fp32 file."""
+    built = []
+
+    def build_engine(onnx_path, engine_path, **kw):
+        proto = onnx.load(str(onnx_path))
+        inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+        zero_points = {inits[n.input[2]].dtype for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+        built.append((Path(onnx_path).name, kw["precision"], zero_points))
+        Path(engine_path).write_text(str(onnx_path))
+        return {"min_batch": kw["min_batch"], "opt_batch": kw["opt_batch"], "max_batch": kw["max_batch"],
+                "precision": kw["precision"]}
+
+    def load(path, *, precision="fp32", device="cuda", threads=None):
+        source = Path(Path(path).read_text())  # the engine "is" its ONNX file (staged, then published)
+        runner = get_backend("ort").load(source if source.exists() else Path(path).parent / source.name)
+        runner.name = Path(path).name
+        return runner
+
+    monkeypatch.setattr(trt_backend, "available", lambda device="cuda": Availability())
+    monkeypatch.setattr(trt_backend, "build_engine", build_engine)
+    monkeypatch.setattr(trt_backend, "load", load)
+    run = tmp_path / "run"
+    shutil.copytree(run16, run, ignore=shutil.ignore_patterns("deploy", "bench"))
+    fuse_export(run, ExportOptions(trt=True, int8=True, max_batch=4, samples=4, calib_method="percentile",
+                                   calib_samples=64, max_top1_drop=100.0))
+    assert built == [("model_int8.onnx", "int8", {np.dtype(np.int8)})]
+    latency = {"model.engine": 1e-3, "unfused.engine": 3e-3, "baseline.engine": 1e-3, "fused_fp32.engine": 2e-3}
+    monkeypatch.setattr(timing, "runner_timer", lambda runner, batch, shape: lambda: latency[runner.name])
+    report = bench_run(run, "trt", batch_sizes="1,4", budget=Budget(warmup_s=0, iters=2), out=tmp_path / "b")
+    assert built[1:] == [("unfused.onnx", "int8", {np.dtype(np.int8)}), ("baseline.onnx", "int8", {np.dtype(np.int8)}),
+                         ("fused_fp32.onnx", "fp32", set())]
+    assert report["precision"] == "int8" and report["tensorrt_profile"]["precision"] == "int8"
+    assert {k: report["calibration"][k] for k in ("format", "method", "samples")} == {
+        "format": "trt", "method": "percentile", "samples": 64}
+    assert report["results"][0]["ratios"]["fused_fp32/fused"]["value"] == pytest.approx(2.0)
