@@ -190,6 +190,36 @@ def test_gate_refuses_a_real_drop_at_max_top1_drop_0(run16, int8_export, tmp_pat
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
+def test_int8_with_a_fixed_batch(run16, tmp_path, monkeypatch):
+    """A fixed-batch model takes only its batch: calibration batches of 4 (10 images cycled to 12),
+    and the gate pads the last chunk of the 2000 validation images."""
+    batches = []
+
+    class SpyReader(quantize.CalibrationReader):
+        def get_next(self):
+            batch = super().get_next()
+            if batch is not None:
+                batches.append(len(batch["input"]))
+            return batch
+
+    monkeypatch.setattr(quantize, "CalibrationReader", SpyReader)
+    monkeypatch.setattr(quantize, "GATE_BATCH", 3)  # unused with a fixed batch: chunks of 4
+    out = tmp_path / "d"
+    report = fuse_export(run16, ExportOptions(int8=True, batch=4, calib_samples=10, samples=8, out=str(out),
+                                              max_top1_drop=100.0))
+    assert batches == [4, 4, 4]
+    assert report["int8"]["calibration"]["samples"] == 10 and report["int8"]["images"] == 2000
+    proto = onnx.load(str(out / "model_int8.onnx"))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
+    _, info = load_run(run16)
+    val = eval_dataset(info.data)
+    labels = np.array([y for _, y in val.samples])
+    runner, x = get_backend("ort").load(out / "model_int8.onnx"), first_batch(val, 2000)[0]
+    preds = quantize.predictions(runner, x, 4)
+    assert report["int8"]["int8_top1"] == pytest.approx(100 * (preds == labels).mean())
+    np.testing.assert_array_equal(quantize.predictions(runner, x[:7], 4), preds[:7])  # 7 padded to 8
+
+
 def test_int8_is_refused_without_the_runs_real_data(run16, tmp_path):
     """No calibration on random inputs: a run whose data set moved away is refused, before any work."""
     run = tmp_path / "run"
