@@ -398,8 +398,11 @@ def test_bench_fp16_converts_all_three(run16, int8_export, tmp_path, monkeypatch
     loaded = []
     real = get_backend("ort").load
 
+    graphs = {}
+
     def spy(path, **kw):
         loaded.append((Path(path).name, kw["precision"], _weight_type(path)))
+        graphs[Path(path).name] = sorted(n.op_type for n in onnx.load(str(path)).graph.node)
         return real(path, **kw)
 
     monkeypatch.setattr(get_backend("ort"), "load", spy)
@@ -412,6 +415,9 @@ def test_bench_fp16_converts_all_three(run16, int8_export, tmp_path, monkeypatch
                               ("model.onnx", "fp32", onnx.TensorProto.FLOAT),
                               ("unfused.onnx", "fp16", onnx.TensorProto.FLOAT16)]
     assert report["results"][0]["ratios"]["fused_fp32/fused"]["value"] == 1.0
+    # The default baseline (random weights) has the fused model's graph: no initializers shared
+    # through Identity nodes (all-zero folded biases), which ONNX Runtime ran 2x slower at fp16.
+    assert graphs["baseline.onnx"] == graphs["fused.onnx"] and "Identity" not in graphs["baseline.onnx"]
 
 
 def _weight_type(path) -> int:
