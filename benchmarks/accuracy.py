@@ -54,7 +54,7 @@ import torch
 from rsd_deploy.bench.report import cpu_model
 from rsd_deploy.data import load_datasets
 from rsd_deploy.errors import RSDError
-from rsd_deploy.io import atomic_path, read_json, write_json
+from rsd_deploy.io import DirLock, atomic_path, read_json, write_json
 from rsd_deploy.run import RUN_FILE
 from rsd_deploy.training import TrainConfig, checkpoint, load_recipe, train
 from rsd_deploy.training.distributed import resolve_device
@@ -368,6 +368,17 @@ def _spawn(job: Job, work: Path, threads: int, parallel: int) -> tuple[subproces
     return proc, log
 
 
+def busy(path: Path) -> bool:
+    """Whether another process holds the run folder's writer lock (it is training that run)."""
+    if not path.is_dir():
+        return False
+    try:
+        with DirLock(path, "run"):
+            return False
+    except RSDError:
+        return True
+
+
 def run_jobs(jobs: Sequence[Job], work: Path, threads: int, parallel: int,
              on_done: Callable[[Job], None]) -> None:
     """Train ``jobs`` not yet done, ``parallel`` at a time; ``on_done(job)`` after each."""
@@ -379,6 +390,9 @@ def run_jobs(jobs: Sequence[Job], work: Path, threads: int, parallel: int,
               f"{job.config.resolved_input_size()} px, {job.config.epochs} epochs -> {job.name}", flush=True)
     if parallel == 1:
         for job in todo:
+            if load_run(work, job).status in DONE or busy(run_dir(work, job)):
+                print(f"  {job.name}: done or being trained by another process; skipped", flush=True)
+                continue
             execute(job.config, run_dir(work, job), threads, parallel, say=lambda s: print(s, flush=True))
             on_done(job)
         return

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from rsd_deploy.bench.report import cpu_model
 from rsd_deploy.complexity import count_macs
 from rsd_deploy.io import atomic_path, write_json
 from rsd_deploy.restructure import restructure
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "flop_ratio": round(flop_ratio, 2),
         "forward_macs_per_image": {"plain": macs_plain, "rsd_block_maths": macs_rsd,
                                    "block_ratio": round(macs_rsd / macs_plain, 2)},
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": f"{cpu_model()} ({platform.machine()})",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if args.profile:

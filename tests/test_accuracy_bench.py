@@ -144,3 +144,21 @@ def test_methods_split_the_training_not_the_report(acc, tmp_path, monkeypatch):
     r = json.loads((out / "accuracy_split.json").read_text())
     assert {(e["method"], e["status"]) for e in r["sweep"]} == {("baseline", "finished"), ("rsd", "finished")}
     assert acc.main(argv + ["--methods", "dino"]) == 1
+
+
+def test_a_run_another_process_trains_is_skipped(acc, tmp_path, monkeypatch):
+    from rsd_deploy.io import DirLock
+
+    recipe = tmp_path / "tiny.json"
+    recipe.write_text(json.dumps({"model": "resnet20", "data": "digits", "batch_size": 32, "workers": 0}))
+    work = tmp_path / "work"
+    argv = ["--config", str(recipe), "--epochs", "1", "--input-size", "8", "--sweep-input-size", "8",
+            "--train-samples", "64", "--lrs", "0.01", "--warmups", "0", "--stage", "sweep", "--workers", "0",
+            "--work-dir", str(work), "--out-dir", str(tmp_path / "out"), "--out-name", "busy"]
+    trained = []
+    monkeypatch.setattr(acc, "train", lambda config, run_dir, **kw: trained.append(config.method))
+    held = work / "runs" / "rsd_lr0.01_wu0_s0_px8_e1_n64"
+    held.mkdir(parents=True)
+    with DirLock(held, "run"):  # as a second benchmark process training that run would
+        assert acc.main(argv) == 0
+    assert trained == ["baseline"]
