@@ -11,9 +11,10 @@ bare name being a zoo model. A restructured model's record holds its restructuri
 (``"restructure"``), which rebuilds its RSD form. Changing the record's layout means raising :data:`SCHEMA_VERSION` and teaching
 :func:`_migrate` to bring older files up to it, so runs made before keep working.
 
-``run.json`` (version 2)::
+``run.json`` (version 3; 2 lacked ``restructure`` and the ONNX precision files, 1 the
+version key)::
 
-    {"version": 2, "model": "resnet20", "form": "rsd", "num_classes": 10, "in_channels": 3,
+    {"version": 3, "model": "resnet20", "form": "rsd", "num_classes": 10, "in_channels": 3,
      "input_size": [32, 32], "method": "rsd", "classes": [...],
      "normalization": {"mean": [...], "std": [...]}, "data": {...}, "config": {...},
      "training": {...}, "versions": {...}, "metrics": {...}, "weights_sha256": "...",
@@ -46,7 +47,9 @@ from .schema import Rule, fields_json, from_mapping
 
 WEIGHTS_FILE = "model.safetensors"
 RUN_FILE = "run.json"
-SCHEMA_VERSION = 2  #: 1: the files written before the version key (read and migrated)
+#: 1: the files written before the version key; 2: before "restructure" and the fp16/int8 ONNX
+#: entries (both read and migrated). An older rsd-deploy refuses a newer file in one line.
+SCHEMA_VERSION = 3
 
 
 # Model sources -------------------------------------------------------------------------------
@@ -284,6 +287,8 @@ def _migrate(data: dict[str, Any], where: str) -> dict[str, Any]:
                        f"{SCHEMA_VERSION}: upgrade rsd-deploy")
     if version == 1:
         data = _from_version_1(data)
+    if data.get("version", 1) == 2:  # 3 only added optional entries
+        data = {**data, "version": 3}
     return data
 
 

@@ -74,7 +74,7 @@ def test_round_trip_and_layout(tmp_path):
     info = untrained_info("resnet20")
     saved = save_run(tmp_path, info.build_model(), info)
     data = json.loads((tmp_path / RUN_FILE).read_text())
-    assert list(data)[:2] == ["version", "model"] and data["version"] == SCHEMA_VERSION == 2
+    assert list(data)[:2] == ["version", "model"] and data["version"] == SCHEMA_VERSION == 3
     assert data["model"] == "resnet20" and data["input_size"] == [32, 32]
     assert data["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
     assert "source" not in data and "tensorrt" not in data  # not recorded: left out
@@ -119,6 +119,12 @@ def test_version_1_files_are_migrated_on_read(source, expected):
     assert (info.to_json().get("source")) == expected
 
 
+def test_version_2_files_read_as_version_3():
+    info = untrained_info("resnet20")
+    data = {**info.to_json(), "version": 2}
+    assert RunInfo.from_json(data) == info and RunInfo.from_json(data).version == 3
+
+
 def test_version_1_normalization_and_classes_from_the_data_entry():
     data = {"model": "resnet20", "form": "rsd", "num_classes": 2, "in_channels": 3, "input_size": [8, 8],
             "data": {"name": "digits", "dir": None, "classes": ["a", "b"], "input_size": [8, 8],
@@ -129,7 +135,7 @@ def test_version_1_normalization_and_classes_from_the_data_entry():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"version": 3}, "version 3 of the run record; this rsd-deploy reads up to 2"),
+    ({"version": 4}, "version 4 of the run record; this rsd-deploy reads up to 3"),
     ({"version": "2"}, "version must be a positive integer (got '2')"),
     ({"form": "fused"}, "unknown form 'fused'"),
     ({"model": "zoo:resnet21"}, "model: unknown model 'resnet21'"),
