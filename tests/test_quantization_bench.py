@@ -1,0 +1,53 @@
+"""benchmarks/quantization.py on two tiny runs: figures consistent with the files it made."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import trained_run
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quantization.py"
+
+
+@pytest.fixture
+def bench():
+    spec = importlib.util.spec_from_file_location("quantization_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_rsd_and_baseline_runs_quantized_alike(bench, cifar_mini, tmp_path):
+    runs = []
+    for form in ("rsd", "plain"):
+        run = tmp_path / form
+        trained_run(run, "resnet20", cifar_mini, steps=2, batch_size=32, probe=500, input_size=16, form=form)
+        runs.append(run)
+    out = tmp_path / "out"
+    argv = [*map(str, runs), "--name", "tiny", "--methods", "minmax,percentile", "--calib-samples", "32",
+            "--batches", "2", "--rounds", "2", "--threads", "1", "--out-dir", str(out)]
+    assert bench.main(argv) == 0
+    r = json.loads((out / "quantization_tiny.json").read_text())
+    assert [row["method"] for row in r["runs"]] == ["rsd", "baseline"]
+    for row in r["runs"]:
+        for m in ("minmax", "percentile"):
+            q = row["int8"][m]
+            assert q["images"] == 2000
+            assert q["top1_drop"] == pytest.approx(row["fp32_top1"] - q["int8_top1"])
+        assert set(row["latency_ms"]["2"]) == {"fp32", "int8"}
+        w = row["weights"]
+        assert 1.0 <= w["channel_peak_to_rms_median"] <= w["channel_peak_to_rms_p99"] <= w["channel_peak_to_rms_max"]
+        assert 0 < w["weight_int8_error_median"] <= w["weight_int8_error_max"] < 0.05
+    md = (out / "quantization_tiny.md").read_text()
+    assert "**Verdict**" in md and "| rsd (1 runs) |" in md
+    assert (runs[0] / "deploy" / "model.onnx").is_file()  # the verified fp32 export it quantized
+    assert bench.main([str(tmp_path / "missing"), "--name", "x", "--out-dir", str(out)]) == 1
