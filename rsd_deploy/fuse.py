@@ -75,8 +75,11 @@ def fuse_model(model: nn.Module) -> nn.Module:
     _fold_pairs(fused)
     # Exactly BatchNorm2d: a subclass may do more (timm's BN + activation) than an affine can.
     fused = _replace(fused, lambda m: type(m) is nn.BatchNorm2d, Affine2d.from_batchnorm).eval()
-    left = [n for n, m in fused.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    left = [(n, type(m).__name__) for n, m in fused.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if left:
-        raise RSDError(f"fusion left BatchNorm layers it cannot fold: {', '.join(left)}")
+        kinds = sorted({k for _, k in left})
+        names = ", ".join(n for n, _ in left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        raise RSDError(f"fusion left {len(left)} BatchNorm layer(s) it cannot fold ({', '.join(kinds)}: {names}); "
+                       "only nn.BatchNorm2d folds (a subclass that also applies an activation does not)")
     check_finite(fused)
     return fused

@@ -32,13 +32,22 @@ class _Tracer(fx.Tracer):
                 or super().is_leaf_module(m, qualname))
 
 
-def trace(model: nn.Module, leaves: Collection[str] = ()) -> fx.Graph:
-    """The fx graph of ``model``, with the modules named in ``leaves`` kept whole."""
+def trace(model: nn.Module, leaves: Collection[str] = (), *, training: bool | None = None) -> fx.Graph:
+    """The fx graph of ``model``, with the modules named in ``leaves`` kept whole.
+
+    ``training`` traces the forward of that mode (the model's mode is restored after);
+    None: the model's current mode.
+    """
+    was_training = model.training
     try:
+        if training is not None:
+            model.train(training)
         return _Tracer(leaves).trace(model)
     except Exception as e:  # fx raises many types (TraceError, TypeError, RuntimeError, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise TraceError(f"torch.fx cannot trace {type(model).__name__}: {first}") from None
+    finally:
+        model.train(was_training)
 
 
 def _calls(graph: fx.Graph) -> dict[str, list[fx.Node]]:
@@ -55,9 +64,11 @@ def conv_bn_pairs(model: nn.Module, graph: fx.Graph | None = None) -> list[tuple
 
     Each module of a pair is called once in the graph (a shared module is left alone),
     and the BN is a plain ``nn.BatchNorm2d`` with running statistics (subclasses that do
-    more, such as BN fused with an activation, are not pairs).
+    more, such as BN fused with an activation, are not pairs). The graph is the eval-mode
+    forward's (what is deployed), whatever mode the model is in, so the answer never
+    depends on it (auxiliary heads that run only in training are not seen).
     """
-    graph = trace(model) if graph is None else graph
+    graph = trace(model, training=False) if graph is None else graph
     modules = dict(model.named_modules())
     calls = _calls(graph)
     pairs = []

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .complexity import count_macs, count_params, human
+from .errors import RSDError
 from .restructure import RestructureReport, restructure
 from .run import ModelSource
 
@@ -60,6 +61,9 @@ def inspect_model(model: str, *, input_size: int | None = None, num_classes: int
     if num_classes is None:
         family = source.spec.check(source.name)
         num_classes = 100 if getattr(family, "family", None) == "cifar" else DEFAULT_CLASSES
+    from .training.config import check_input_size
+
+    check_input_size(source, side)
     shape = (3, side, side)
     report = None
     with torch.no_grad():
@@ -68,7 +72,10 @@ def inspect_model(model: str, *, input_size: int | None = None, num_classes: int
         else:
             plain = source.create(num_classes=num_classes, in_channels=3, form="plain")
             train, report = restructure(plain)
-        deploy = source.create(num_classes=num_classes, in_channels=3, form="deploy")
+        try:
+            deploy = source.create(num_classes=num_classes, in_channels=3, form="deploy")
+        except RSDError as e:
+            raise RSDError(f"{source} cannot be deployed by rsd-deploy ({e})") from None
         points = source.default_mix_points(train, side)
         return Inspection(source, side, num_classes, report, count_params(train), count_macs(train, shape),
                           count_params(deploy), count_macs(deploy, shape), points)

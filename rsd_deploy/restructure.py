@@ -194,6 +194,7 @@ def restructure(
             continue
         bn = bn_of.get(name)
         reason = ("excluded" if _excluded(name, exclude)
+                  else f"{type(conv).__name__} is not a plain nn.Conv2d" if type(conv) is not nn.Conv2d
                   else "not followed by BatchNorm2d alone" if bn is None
                   else _skip_reason(conv, kernel_sizes))
         report.convs.append(ConvEntry(name, list(conv.kernel_size), list(conv.stride), conv.groups,

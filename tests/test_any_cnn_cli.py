@@ -110,6 +110,12 @@ def test_init_weights_start_the_rsd_form_where_the_plain_model_was(tmp_path):
     _one_line_error(_run("train", "--init-weights", path, *SMOKE), "--init-weights", "--resume")
     _one_line_error(_run("train", "--model", "torchvision:resnet18", "--init-weights", tmp_path / "nope",
                          *SMOKE), "not found")
+    # An ImageNet state dict (1000 classes) starts a 10-class run: only the classifier is fresh.
+    imagenet = build_plain("torchvision", "resnet18", num_classes=1000, in_channels=3)
+    save_tensors(tmp_path / "imagenet.safetensors", imagenet.state_dict())
+    config = TrainConfig(model="torchvision:resnet18", init_weights=str(tmp_path / "imagenet.safetensors"))
+    model, _ = _build_model(config.validate(), info, "plain", say=False)
+    assert torch.equal(model.conv1.weight, imagenet.conv1.weight) and model.fc.weight.shape == (10, 512)
     save_tensors(tmp_path / "other.safetensors", {"fc.weight": torch.zeros(3, 3)})
     _one_line_error(_run("train", "--model", "torchvision:resnet18", "--init-weights",
                          tmp_path / "other.safetensors", *SMOKE, "--out", tmp_path / "o"), "does not match")

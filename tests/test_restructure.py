@@ -240,3 +240,72 @@ def test_fuse_model_folds_any_conv_bn_pair_and_keeps_zoo_forms():
     x = torch.randn(2, 3, SIDE, SIDE)
     with torch.no_grad():
         assert _rel(fused(x), plain(x)) <= 1e-5
+
+
+class _TrainingOnlyBranch(nn.Module):
+    """A conv+BN pair that runs only in training (as an auxiliary head does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.aux_conv, self.aux_bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.training:
+            y = y + self.aux_bn(self.aux_conv(x))
+        return y
+
+
+def test_fusion_and_restructuring_do_not_depend_on_the_models_mode():
+    net = _TrainingOnlyBranch()
+    structures = []
+    for training in (True, False):
+        fused = fuse_model(net.train(training))
+        structures.append([(n, type(m)) for n, m in fused.named_modules()])
+        _, report = restructure(net.train(training))
+        assert [c.conv for c in report.converted] == ["conv"]  # what the deployed forward runs
+        assert net.training is training  # the mode is left as it was
+    assert structures[0] == structures[1]
+
+
+def test_nested_mix_points_are_each_checked_alone():
+    rsd, _ = restructure(_plain("torchvision:resnet18"))
+    check_mix_points(rsd, ["layer1", "layer1.1", "layer2.0"])
+    with pytest.raises(RSDError, match="'layer1.0.conv1' is not a cut"):
+        check_mix_points(rsd, ["layer1", "layer1.0.conv1"])
+
+
+def test_a_model_returning_more_than_logits_is_one_line():
+    class Tupled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten())
+
+        def forward(self, x):
+            y = self.body(x)
+            return (y, y) if self.training else y
+
+    rsd, _ = restructure(Tupled())
+    x, y = torch.randn(B, 3, 8, 8), torch.randint(0, 4, (B,))
+    with pytest.raises(RSDError, match="Tupled returns tuple in training, not a tensor of logits"):
+        RSDStep(rsd.train(), mix_points=["body"])(x, y, draw=MixDraw(0, 0.5, torch.tensor([1, 0, 3, 2])))
+    # torchvision's googlenet and inception_v3 are built without their auxiliary heads.
+    googlenet = build_plain("torchvision", "googlenet", num_classes=10, in_channels=3).train()
+    assert isinstance(googlenet(torch.randn(2, 3, 64, 64)), torch.Tensor)
+
+
+def test_default_mix_points_follow_the_models_dtype_and_device():
+    model = build_plain("torchvision", "mobilenet_v2", num_classes=10, in_channels=3).double()
+    assert default_mix_points("torchvision", "mobilenet_v2", model, SIDE)[0] == "features.1"
+
+
+def test_zoo_models_fuse_to_their_deploy_form():
+    from rsd_deploy import models
+
+    rsd = _random_bn(models.create("resnet20", num_classes=10)).eval()
+    fused = fuse_model(rsd)
+    deploy = models.create("resnet20", num_classes=10, form="deploy")
+    assert [type(m) for m in fused.modules()] == [type(m) for m in deploy.modules()]
+    deploy.load_state_dict(fused.state_dict(), strict=True)

@@ -51,7 +51,9 @@ def build_plain(kind: str, name: str, *, num_classes: int, in_channels: int) -> 
     if kind == "torchvision":
         if in_channels != 3:
             raise RSDError(f"torchvision's {name} takes 3-channel images; the data has {in_channels}")
-        return lib.models.get_model(name, weights=None, num_classes=num_classes)
+        # Their auxiliary heads make the training forward return a tuple, not logits.
+        extra = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+        return lib.models.get_model(name, weights=None, num_classes=num_classes, **extra)
     return lib.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
 
 
@@ -90,9 +92,10 @@ def _stage_ends(model: nn.Module, input_size: int, in_channels: int) -> list[str
     hooks = [child.register_forward_hook(lambda _m, _a, out: sides.append(out.shape[-1]))
              for child in features]
     was_training = model.training
+    p = next(model.parameters())
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, in_channels, input_size, input_size))
+            model.eval()(torch.zeros(1, in_channels, input_size, input_size, device=p.device, dtype=p.dtype))
     finally:
         for h in hooks:
             h.remove()
@@ -108,7 +111,7 @@ _TORCHVISION: list[tuple[Callable[[str], bool], Callable[..., list[str] | None]]
      lambda m, *_: ["maxpool", "layer1", "layer2", "layer3", "layer4"]),
     (lambda n: n.startswith("regnet"),
      lambda m, *_: ["stem", *(f"trunk_output.{n}" for n, _ in m.trunk_output.named_children())]),
-    (lambda n: n.startswith(("vgg", "mobilenet", "efficientnet", "mnasnet")), _stage_ends),
+    (lambda n: n.startswith(("vgg", "mobilenet", "efficientnet")), _stage_ends),
 ]
 
 
@@ -117,8 +120,8 @@ def default_mix_points(kind: str, name: str, model: nn.Module, input_size: int,
     """Mix points for the families ``kind`` knows (stage outputs), or None.
 
     torchvision: ResNet/ResNeXt/Wide ResNet (after the stem's pool and each layer),
-    RegNet (stem and each block), VGG, MobileNet, EfficientNet and MNASNet (the last
-    module of ``features`` at each resolution). timm: the modules of ``feature_info``.
+    RegNet (stem and each block), VGG, MobileNet and EfficientNet (the last module of
+    ``features`` at each resolution). timm: the modules of ``feature_info``.
     """
     if kind == "timm":
         info = getattr(model, "feature_info", None)

@@ -92,7 +92,9 @@ class TrainConfig:
         if self.alpha == 0 and self.beta == 0:
             raise RSDError(f"{option('alpha')} and {option('beta')} cannot both be 0 (the loss would be 0)")
         if self.input_size is not None:
-            _check_input_size(source, self.input_size)
+            check_input_size(source, self.input_size)
+        elif source.kind != "zoo":  # the data's own side: a library model may not take it
+            check_input_size(source, self.resolved_input_size())
         if self.mix_points is not None and (not self.mix_points or not all(
                 isinstance(p, str) and p for p in self.mix_points)):
             raise RSDError(f"{option('mix_points')} must name modules (got {self.mix_points})")
@@ -100,8 +102,7 @@ class TrainConfig:
             if source.kind == "zoo":
                 raise RSDError(f"{option('init_weights')} starts torchvision or timm models; zoo runs "
                                f"continue with {option('resume')}")
-            if not Path(self.init_weights).is_file():
-                raise RSDError(f"{option('init_weights')} {self.init_weights} not found")
+
         if sorted(self.lr_milestones) != list(self.lr_milestones) or any(
             m < 1 for m in self.lr_milestones
         ):
@@ -173,7 +174,7 @@ _RANGES: dict[str, Rule] = {
 }
 
 
-def _check_input_size(source: ModelSource, size: int) -> None:
+def check_input_size(source: ModelSource, size: int) -> None:
     """Refuse an input side the architecture cannot take (its pooling would leave nothing).
 
     The check runs the plain architecture on the meta device: shapes only, no memory, no maths.

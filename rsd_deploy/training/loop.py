@@ -32,9 +32,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .. import __version__
 from ..data import DataInfo, load_datasets
 from ..errors import RSDError, option
-from ..io import DirLock, atomic_path, atomic_paths, remove_stale_temps, sha256_file, write_tensors
+from ..fuse import fuse_model
+from ..io import DirLock, atomic_path, atomic_paths, load_tensors, remove_stale_temps, sha256_file, write_tensors
 from ..restructure import restructure
-from ..run import RUN_FILE, WEIGHTS_FILE, ModelSource, Normalization, RunInfo, load_state
+from ..run import RUN_FILE, WEIGHTS_FILE, ModelSource, Normalization, RunInfo
 from . import checkpoint, distributed
 from .config import TrainConfig
 from .evaluation import amp_dtype, autocast, evaluate
@@ -323,7 +324,7 @@ def _setup(config: TrainConfig, run_dir: Path, ctx: distributed.Context, resume:
     train_ds, val_ds, info, steps_per_epoch = _load_data(config, ctx)
     torch.manual_seed(config.seed)  # same initial weights on every rank
     form = "rsd" if config.method == "rsd" else "plain"
-    model, restructured = _build_model(config, info, form, ctx.is_main)
+    model, restructured = _build_model(config, info, form, ctx.is_main, resume)
     model = model.to(ctx.device)
     points = _mix_points(config, model, info) if form == "rsd" and config.mixture else None
     step_fn: nn.Module = (RSDStep(model, config.objective(), mix_points=points) if config.method == "rsd"
@@ -335,7 +336,7 @@ def _setup(config: TrainConfig, run_dir: Path, ctx: distributed.Context, resume:
     val_loader = DataLoader(val_ds, batch_size=config.eval_batch_size, shuffle=False,
                             num_workers=config.workers, pin_memory=ctx.device.type == "cuda")
     setup = _Setup(train_ds, val_loader, info, steps_per_epoch, model, distributed.wrap(ctx, step_fn),
-                   optimizer, scaler, _run_info(config, info, form, ctx, restructured, points))
+                   optimizer, scaler, _run_info(config, info, form, ctx, restructured, points, run_dir, resume))
     if resume:
         state = checkpoint.load(run_dir, model=model, optimizer=optimizer, scaler=scaler)
         setup.start_epoch, setup.global_step, setup.history = state["epoch"], state["step"], state["history"]
@@ -352,14 +353,25 @@ def _setup(config: TrainConfig, run_dir: Path, ctx: distributed.Context, resume:
     return setup
 
 
-def _build_model(config: TrainConfig, info: DataInfo, form: str, say: bool) -> tuple[nn.Module, dict | None]:
-    """The model in ``form`` and, for a restructured one, the record of its restructuring."""
+def _build_model(config: TrainConfig, info: DataInfo, form: str, say: bool,
+                 resume: bool = False) -> tuple[nn.Module, dict | None]:
+    """The model in ``form`` and, for a restructured one, the record of its restructuring.
+
+    A torchvision/timm model must fuse into its deploy form (checked before any training:
+    a model whose BatchNorms cannot be folded could be trained but never exported).
+    Resuming, the initial weights are not read again: the resume state replaces them.
+    """
     source = config.source()
     if source.kind == "zoo":
         return source.create(num_classes=info.num_classes, in_channels=info.in_channels, form=form), None
     plain = source.create(num_classes=info.num_classes, in_channels=info.in_channels, form="plain")
-    if config.init_weights is not None:
-        load_state(plain, config.init_weights, f"{source} (its plain form)")
+    try:
+        fuse_model(plain)
+    except RSDError as e:
+        raise RSDError(f"{source} cannot be deployed by rsd-deploy ({e})") from None
+    init = config.init_weights is not None and not resume
+    if init:
+        _load_init_weights(plain, Path(config.init_weights), source)
     if form == "plain":
         return plain, None
     model, report = restructure(plain, equivalent_init=config.init_weights is not None)
@@ -369,6 +381,26 @@ def _build_model(config: TrainConfig, info: DataInfo, form: str, say: bool) -> t
         raise RSDError(f"{source} has no conv+BN pair to restructure ({report.summary()}); "
                        f"train it as the baseline ({option('method')} baseline)")
     return model, report.to_json()
+
+
+def _load_init_weights(model: nn.Module, path: Path, source: ModelSource) -> None:
+    """Load ``path`` into ``model``; a classifier of another class count keeps its fresh weights.
+
+    Every other tensor must match by name and shape (RSDError naming the first that does not).
+    """
+    if not path.is_file():
+        raise RSDError(f"{option('init_weights')} {path} not found")
+    state, own = load_tensors(path), model.state_dict()
+    modules = dict(model.named_modules())
+    differ = {k for k in own if k not in state or state[k].shape != own[k].shape}
+    extra = sorted(set(state) - set(own))
+    owners = {k.rpartition(".")[0] for k in differ}
+    if extra or (differ and (len(owners) != 1 or not isinstance(modules.get(next(iter(owners))), nn.Linear))):
+        first = extra[0] if extra else sorted(differ)[0]
+        raise RSDError(f"{path} does not match {source} (its plain form): first mismatch {first!r}")
+    model.load_state_dict({k: v for k, v in state.items() if k not in differ}, strict=False)
+    if differ:
+        log.info(f"{path}: the classifier {next(iter(owners))!r} keeps fresh weights (another class count)")
 
 
 def _mix_points(config: TrainConfig, model: nn.Module, info: DataInfo) -> list[str]:
@@ -452,15 +484,24 @@ def _kept(run_dir: Path, epoch: int) -> str:
     return f"the run directory still holds epoch {epoch}, intact in {run_dir}" if epoch else "nothing was saved"
 
 
+def _recorded_init_sha(run_dir: Path) -> str | None:
+    try:
+        return (RunInfo.read(run_dir).training or {}).get("init_weights_sha256")
+    except RSDError:
+        return None
+
+
 def _run_info(config: TrainConfig, info: DataInfo, form: str, ctx: distributed.Context,
-              restructured: dict[str, Any] | None, mix_points: list[str] | None) -> RunInfo:
+              restructured: dict[str, Any] | None, mix_points: list[str] | None,
+              run_dir: Path, resume: bool) -> RunInfo:
     training: dict[str, Any] = {"world_size": ctx.world_size,
                                 "effective_batch_size": config.batch_size * ctx.world_size,
                                 "device": ctx.device.type}
     if mix_points is not None:
         training["mix_points"] = mix_points
-    if config.init_weights is not None:
-        training["init_weights_sha256"] = sha256_file(config.init_weights)
+    if config.init_weights is not None:  # resuming: what the run started from, as recorded then
+        training["init_weights_sha256"] = (_recorded_init_sha(run_dir) if resume
+                                           else sha256_file(config.init_weights))
     return RunInfo(
         model=ModelSource.from_json(config.model), form=form, method=config.method,
         num_classes=info.num_classes, in_channels=info.in_channels,

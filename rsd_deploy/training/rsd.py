@@ -149,8 +149,8 @@ def check_mix_points(model: nn.Module, points: Sequence[str]) -> None:
             raise RSDError(f"mix point {name!r} is not a module of the model")
     if len(set(points)) != len(points):
         raise RSDError(f"mix points repeat a name: {', '.join(points)}")
-    try:
-        bad = non_cuts(trace(model, leaves=points), points)
+    try:  # one trace per point: nested points ("layer1", "layer1.0") are each a leaf in their own
+        bad = {name: why for point in points for name, why in non_cuts(trace(model, leaves=[point]), [point]).items()}
     except TraceError as e:
         log.warning(f"{e}: mix points are checked at run time only")
         return
@@ -158,6 +158,14 @@ def check_mix_points(model: nn.Module, points: Sequence[str]) -> None:
         name, why = next(iter(bad.items()))
         raise RSDError(f"mix point {name!r} is not a cut of the network: {why}; choose modules "
                        "every path from the input to the logits passes through (stage outputs)")
+
+
+def _logits(out: Any, model: nn.Module) -> Tensor:
+    """``out`` when it is the logits tensor; RSDError for a model that returns more in training."""
+    if not isinstance(out, Tensor):
+        raise RSDError(f"{type(model).__name__} returns {type(out).__name__} in training, not a tensor of "
+                       "logits: build it without auxiliary outputs (e.g. aux_logits=False)")
+    return out
 
 
 class _Recorder:
@@ -235,7 +243,7 @@ class RSDStep(nn.Module):
         set_branch_drop(model, obj.drop_rate)
         student = None if module is None else _Recorder(module, point)
         try:
-            s_logits = model(x)
+            s_logits = _logits(model(x), model)
         finally:
             set_branch_drop(model, 0.0)
             if student is not None:
@@ -246,7 +254,7 @@ class RSDStep(nn.Module):
             s_feat = student.recorded()
             teacher = _Recorder(module, point, lambda h: feature_mixture(h, s_feat, draw.lam, draw.idx))
             try:
-                out = model(x)
+                out = _logits(model(x), model)
             finally:
                 teacher.handle.remove()
             del s_feat, student, teacher
@@ -255,7 +263,7 @@ class RSDStep(nn.Module):
                                "it is not a cut of the network")
             t_logits, tt_logits, ts_logits = out.split(b)
         else:
-            out = t_logits = model(x)
+            out = t_logits = _logits(model(x), model)
             tt_logits = ts_logits = None
 
         # Loss: one log-softmax over all teacher rows serves the three CE terms.
@@ -292,6 +300,6 @@ class CEStep(nn.Module):
         self.model = model
 
     def forward(self, x: Tensor, y: Tensor) -> StepOutput:
-        logits = self.model(x)
+        logits = _logits(self.model(x), self.model)
         loss = F.cross_entropy(logits, y)
         return StepOutput(loss, {"ce": loss.detach()}, logits.detach(), None)
