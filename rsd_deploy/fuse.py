@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -49,13 +49,18 @@ def _replace(module: nn.Module, match: Callable[[nn.Module], bool],
     return module
 
 
-def _fold_pairs(model: nn.Module) -> int:
-    """Fold each BN that is a conv's only consumer into that conv; returns how many."""
-    try:
-        pairs = conv_bn_pairs(model)
-    except TraceError as e:
-        log.debug(f"{e}: standalone BatchNorms become per-channel affines")
-        return 0
+def _fold_pairs(model: nn.Module, pairs: Sequence[Sequence[str]] | None = None) -> int:
+    """Fold each BN that is a conv's only consumer (or each given pair) into that conv; returns how many."""
+    if pairs is None:
+        try:
+            pairs = conv_bn_pairs(model)
+        except TraceError as e:
+            log.debug(f"{e}: standalone BatchNorms become per-channel affines")
+            return 0
+    modules = dict(model.named_modules())
+    for conv_name, bn_name in pairs:
+        if type(modules.get(conv_name)) is not nn.Conv2d or type(modules.get(bn_name)) is not nn.BatchNorm2d:
+            raise RSDError(f"pair {conv_name!r}, {bn_name!r} is not an nn.Conv2d and an nn.BatchNorm2d of the model")
     for conv_name, bn_name in pairs:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         fused = fold_conv_bn(conv, bn)
@@ -64,15 +69,17 @@ def _fold_pairs(model: nn.Module) -> int:
     return len(pairs)
 
 
-def fuse_model(model: nn.Module) -> nn.Module:
+def fuse_model(model: nn.Module, pairs: Sequence[Sequence[str]] | None = None) -> nn.Module:
     """A fused copy of ``model`` in eval mode: one conv with bias per block, no BatchNorm.
 
-    Uses each BatchNorm's running statistics and its own eps. The input model is
+    Conv+BN pairs come from torch.fx, or from ``pairs`` for a model it cannot trace (the
+    pairs given to :func:`~rsd_deploy.restructure`: its fused form then loads into this
+    one). Uses each BatchNorm's running statistics and its own eps. The input model is
     left untouched. Raises :class:`RSDError` when weights or statistics are not finite.
     """
     check_finite(model)
     fused = _replace(copy.deepcopy(model), lambda m: isinstance(m, Reparameterizable), lambda m: m.to_conv())
-    _fold_pairs(fused)
+    _fold_pairs(fused, pairs)
     # Exactly BatchNorm2d: a subclass may do more (timm's BN + activation) than an affine can.
     fused = _replace(fused, lambda m: type(m) is nn.BatchNorm2d, Affine2d.from_batchnorm).eval()
     left = [(n, type(m).__name__) for n, m in fused.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -205,9 +205,15 @@ def test_an_untraceable_model_takes_explicit_pairs():
     for bad, match in (([("bn", "conv")], "is not an nn.Conv2d"), ([("conv", "nope")], "is not an nn.BatchNorm2d")):
         with pytest.raises(RSDError, match=match):
             restructure(_Untraceable(), pairs=bad)
-    # fuse_model still folds what it knows: the RSDConv becomes one conv, nothing is left.
+    # fuse_model still folds what it knows: the RSDConv becomes one conv, nothing is left;
+    # the original folded with the same pairs is the same architecture.
     fused = fuse_model(_random_bn(out).eval())
     assert isinstance(fused.conv, nn.Conv2d) and fused.conv.bias is not None
+    folded = fuse_model(_Untraceable().eval(), pairs=[("conv", "bn")])
+    assert isinstance(folded.bn, nn.Identity)
+    folded.load_state_dict(fused.state_dict(), strict=True)
+    with pytest.raises(RSDError, match="is not an nn.Conv2d and an nn.BatchNorm2d"):
+        fuse_model(_Untraceable(), pairs=[("bn", "conv")])
 
 
 def test_mix_points_must_be_cuts():
