@@ -32,7 +32,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -107,6 +107,19 @@ def _real_data_error(data: DataInfo | None, why: str) -> RSDError:
     )
 
 
+def _real_split(data: DataInfo | None, load: Callable[[DataInfo], Dataset], split: str) -> Dataset:
+    """``load(data)``, a non-empty split of the run's real data, or the one-line refusal saying why."""
+    if data is None:
+        raise _real_data_error(data, "")
+    try:
+        ds = load(data)
+    except RSDError as e:
+        raise _real_data_error(data, str(e)) from None
+    if len(ds) == 0:
+        raise _real_data_error(data, f"its {split} split ({data.dir}) holds no images")
+    return ds
+
+
 def calibrate(data: DataInfo | None, samples: int, method: str = DEFAULT_METHOD, fmt: str = "ort") -> Calibration:
     """A :class:`Calibration` on ``samples`` images of the run's training split, spread over it.
 
@@ -119,14 +132,7 @@ def calibrate(data: DataInfo | None, samples: int, method: str = DEFAULT_METHOD,
     check_choice(fmt, FORMATS, "int8_format")
     if samples < 1:
         raise RSDError(f"{option('calib_samples')} must be at least 1 (got {samples})")
-    if data is None:
-        raise _real_data_error(data, "")
-    try:
-        ds = calibration_dataset(data)
-    except RSDError as e:
-        raise _real_data_error(data, str(e)) from None
-    if len(ds) == 0:
-        raise _real_data_error(data, f"its training split ({data.dir}) holds no images")
+    ds = _real_split(data, calibration_dataset, "training")
     x, _ = first_batch(ds, min(samples, len(ds)))
     source = f"{len(x)} training images of {data.name} ({data.dir or 'built-in'})"
     return Calibration(x.numpy().astype(np.float32), method, fmt, source)
@@ -136,15 +142,7 @@ def validation_set(data: DataInfo | None) -> Dataset:
     """The run's validation split, with its evaluation preprocessing, for :func:`accuracy_gate`."""
     from .data import eval_dataset
 
-    if data is None:
-        raise _real_data_error(data, "")
-    try:
-        ds = eval_dataset(data)
-    except RSDError as e:
-        raise _real_data_error(data, str(e)) from None
-    if len(ds) == 0:
-        raise _real_data_error(data, "its validation split holds no images")
-    return ds
+    return _real_split(data, eval_dataset, "validation")
 
 
 class CalibrationReader:
