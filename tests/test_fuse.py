@@ -6,26 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import randomize_bn
 from rsd_deploy import RSDConv, RSDError, fuse_model
 from rsd_deploy.blocks import Affine2d, ConvBN
 from rsd_deploy.models import create, get_spec, names
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Trained-looking BatchNorm statistics and affine parameters (and conv biases)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.eps = float(torch.rand(1, generator=g) * 1e-3 + 1e-5)  # each BN its own eps
-            elif isinstance(m, RSDConv) and m.bias is not None:
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model
 
 
 def assert_fused_matches(model: nn.Module, x: torch.Tensor, rel: float) -> None:

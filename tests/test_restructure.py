@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import randomize_bn
 from rsd_deploy import RSDConv, RSDError, fuse_model
 from rsd_deploy.audit import audit, op_histogram
 from rsd_deploy.models.external import build_plain, default_mix_points
@@ -38,20 +39,6 @@ def _plain(model: str) -> nn.Module:
     return build_plain(kind, name, num_classes=10, in_channels=3)
 
 
-def _random_bn(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Every BN with statistics and affine parameters far from their initial values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-    return model
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -71,7 +58,7 @@ def test_restructure_fuses_back_to_the_original_architecture(model, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())
 
     # Fusion is exact: fp64 and fp32, random BN statistics, against the restructured model.
-    _random_bn(rsd).eval()
+    randomize_bn(rsd).eval()
     x = torch.randn(2, 3, SIDE, SIDE, dtype=torch.float64)
     fused64 = fuse_model(rsd.double())
     with torch.no_grad():
@@ -137,7 +124,7 @@ def test_default_mix_points_are_stage_outputs():
 
 @pytest.mark.parametrize("model", ["torchvision:resnet18", "torchvision:mobilenet_v2"])
 def test_equivalent_init_computes_what_the_original_did(model):
-    plain = _random_bn(_plain(model)).eval()
+    plain = randomize_bn(_plain(model)).eval()
     for m in plain.modules():  # a conv bias too, which the first branch's BN must absorb
         if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.bias is None:
             m.bias = nn.Parameter(torch.randn(m.out_channels) * 0.1)
@@ -207,7 +194,7 @@ def test_an_untraceable_model_takes_explicit_pairs():
             restructure(_Untraceable(), pairs=bad)
     # fuse_model still folds what it knows: the RSDConv becomes one conv, nothing is left;
     # the original folded with the same pairs is the same architecture.
-    fused = fuse_model(_random_bn(out).eval())
+    fused = fuse_model(randomize_bn(out).eval())
     assert isinstance(fused.conv, nn.Conv2d) and fused.conv.bias is not None
     folded = fuse_model(_Untraceable().eval(), pairs=[("conv", "bn")])
     assert isinstance(folded.bn, nn.Identity)
@@ -239,7 +226,7 @@ def test_a_mix_point_changed_in_place_after_it_is_refused():
 
 
 def test_fuse_model_folds_any_conv_bn_pair_and_keeps_zoo_forms():
-    plain = _random_bn(_plain("torchvision:resnet18")).eval()
+    plain = randomize_bn(_plain("torchvision:resnet18")).eval()
     fused = fuse_model(plain)
     assert isinstance(fused.bn1, nn.Identity) and fused.conv1.bias is not None
     assert isinstance(fused.layer2[0].downsample[1], nn.Identity)
@@ -310,7 +297,7 @@ def test_default_mix_points_follow_the_models_dtype_and_device():
 def test_zoo_models_fuse_to_their_deploy_form():
     from rsd_deploy import models
 
-    rsd = _random_bn(models.create("resnet20", num_classes=10)).eval()
+    rsd = randomize_bn(models.create("resnet20", num_classes=10)).eval()
     fused = fuse_model(rsd)
     deploy = models.create("resnet20", num_classes=10, form="deploy")
     assert [type(m) for m in fused.modules()] == [type(m) for m in deploy.modules()]

@@ -26,7 +26,7 @@ import pytest
 import torch
 from torch import nn
 
-from rsd_deploy import models
+from rsd_deploy import blocks, models
 from rsd_deploy.data import load_datasets
 from rsd_deploy.export import ExportOptions, fuse_export
 from rsd_deploy.run import ModelSource, Normalization, RunInfo, TensorRTProfile, load_run, read_run, save_run
@@ -65,6 +65,24 @@ requires_tensorrt = pytest.mark.skipif(
 
 
 # Untrained runs, exported by the real exporter --------------------------------------------------
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Trained-looking BatchNorm statistics and affine parameters (and conv biases)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.25)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
+                m.eps = float(torch.rand(1, generator=g) * 1e-3 + 1e-5)  # each BN its own eps
+            elif isinstance(m, blocks.RSDConv) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model
+
 
 
 def _randomize_bn(model: nn.Module, seed: int) -> None:
