@@ -7,15 +7,24 @@ PyTorch CPU, plus PyTorch CUDA, ONNX Runtime CUDA and TensorRT where present. Th
 models are untrained RSD runs (latency does not depend on weight values), exported
 with ``rsd-deploy fuse-export`` (the library function behind it).
 
+``--precision fp16|int8`` times the three models at that precision instead, each made the
+same way (``rsd-deploy bench --precision``), with the fused model at fp32 beside them for the
+speed-up; backends without that precision (PyTorch) are left out. INT8 models are
+calibrated on real training images, never random inputs: those of ``--calib-data`` (an
+ImageFolder with a ``train/`` folder) or, by default, the embedded digits set resized to the
+model's input; the weights stay untrained, so the figures are latencies, not accuracies.
+
 Results: ``benchmarks/results/<machine>/<model>_<backend>_<device>/`` (bench.json,
-bench.md, bench.png, timings.json), and ``summary.json`` and ``summary.md`` (the table
-and the goals) beside them; ``benchmarks/README.md`` links to the summaries and is
+bench.md, bench.png, timings.json; ``_<precision>`` appended but for fp32), and
+``summary.json`` and ``summary.md`` (``summary_<precision>.*``; the table and the goals)
+beside them; ``benchmarks/README.md`` links to the summaries and is
 never rewritten. Goals checked and recorded:
 unfused/fused >= 3x for resnet32 on ONNX Runtime CPU, and "no inference overhead"
 (fused/baseline interval within [0.97, 1.03] or below) everywhere.
 
     python benchmarks/latency_suite.py              # the full suite (~15 min on 2 CPU cores)
     python benchmarks/latency_suite.py --trial --scale 0.3 --models resnet32
+    python benchmarks/latency_suite.py --precision int8 --models resnet32,vgg16
 """
 
 from __future__ import annotations
@@ -32,13 +41,15 @@ import torch
 from rsd_deploy import RSDError, models
 from rsd_deploy.backends import get_backend
 from rsd_deploy.bench import Budget, bench_run
-from rsd_deploy.bench.report import available_cores, machine_info, machine_slug
+from rsd_deploy.bench.report import FP32_ROLE, available_cores, machine_info, machine_slug
+from rsd_deploy.data import DataInfo
 from rsd_deploy.export import ExportOptions, fuse_export
 from rsd_deploy.io import atomic_path, write_json
 from rsd_deploy.run import ModelSource, Normalization, RunInfo, save_run
 
 HERE = Path(__file__).resolve().parent
 MODELS = ("resnet32", "vgg16", "resnet18")
+PRECISIONS = ("fp32", "fp16", "int8")
 BATCH_SIZES = (1, 64)
 GOAL_SPEEDUP = 3.0  # unfused/fused for resnet32 on ONNX Runtime CPU
 EXPORTER = "rsd-deploy fuse-export"
@@ -65,6 +76,18 @@ class Config:
         return f"{self.backend}_{self.device}"
 
 
+def with_precision(configs: list[Config], precision: str) -> list[Config]:
+    """The configurations whose backend makes and loads ``precision``; the others are named."""
+    kept = []
+    for cfg in configs:
+        backend = get_backend(cfg.backend)
+        if precision in backend.TOLERANCES:
+            kept.append(cfg)
+        else:
+            print(f"{backend.LABEL} on {cfg.device} skipped: it has no {precision} precision", file=sys.stderr)
+    return kept
+
+
 def available_configs() -> list[Config]:
     """ONNX Runtime and PyTorch on CPU always; CUDA and TensorRT where this machine has them."""
     configs = [Config("ort", "cpu"), Config("torch", "cpu")]
@@ -82,22 +105,35 @@ def available_configs() -> list[Config]:
 
 # Runs ---------------------------------------------------------------------------------------
 
-def run_info(name: str) -> RunInfo:
-    """The record of an untrained RSD run of zoo model ``name`` at its own input size."""
+def calibration_data(size: int, calib_dir: Path | None) -> DataInfo:
+    """Where INT8 calibration images come from: ``calib_dir`` (an ImageFolder with ``train/``)
+    or the embedded digits set, resized to ``size`` and given three channels."""
+    classes = [str(i) for i in range(10)]
+    if calib_dir is not None:
+        classes = sorted(p.name for p in (calib_dir / "train").iterdir() if p.is_dir())
+    return DataInfo(name="imagefolder" if calib_dir else "digits", dir=str(calib_dir) if calib_dir else None,
+                    classes=classes, input_size=[size, size], in_channels=3, mean=[0.5] * 3, std=[0.25] * 3)
+
+
+def run_info(name: str, calib_dir: Path | None = None, with_data: bool = False) -> RunInfo:
+    """The record of an untrained RSD run of zoo model ``name`` at its own input size; with
+    ``with_data``, the real images its INT8 models are calibrated on."""
     size = models.get_spec(name).input_size
+    data = calibration_data(size, calib_dir) if with_data else None
     return RunInfo(
-        model=ModelSource(name), form="rsd", method="rsd", num_classes=10, in_channels=3,
-        input_size=[size, size], classes=[str(i) for i in range(10)],
-        normalization=Normalization([0.5] * 3, [0.25] * 3),
+        model=ModelSource(name), form="rsd", method="rsd", num_classes=len(data.classes) if data else 10,
+        in_channels=3, input_size=[size, size], classes=data.classes if data else [str(i) for i in range(10)],
+        normalization=Normalization([0.5] * 3, [0.25] * 3), data=data,
         config={"note": "untrained: made by benchmarks/latency_suite.py for timing only"},
     )
 
 
-def prepare_run(name: str, root: Path, trt_max_batch: int | None) -> Path:
+def prepare_run(name: str, root: Path, trt_max_batch: int | None, calib_dir: Path | None = None,
+                with_data: bool = False) -> Path:
     """An untrained RSD run of ``name`` exported by ``rsd-deploy fuse-export`` (and its engine)."""
     run_dir = root / name
     torch.manual_seed(0)
-    info = run_info(name)
+    info = run_info(name, calib_dir, with_data)
     save_run(run_dir, info.build_model().eval(), info)
     options = ExportOptions(onnx=True, trt=bool(trt_max_batch), max_batch=trt_max_batch or None)
     report = fuse_export(run_dir, options)
@@ -119,7 +155,8 @@ def summary_rows(reports: list[dict]) -> list[dict]:
                 "unfused_ms": m["unfused"]["median_ms"], "fused_ms": m["fused"]["median_ms"],
                 "baseline_ms": m["baseline"]["median_ms"],
                 "unfused_fused": uf, "fused_baseline": fb, "verdict": e["verdict"]["status"],
-                "warnings": len(e["warnings"]),
+                "warnings": len(e["warnings"]), "precision": r.get("precision", "fp32"),
+                "fp32_speedup": e["ratios"].get(f"{FP32_ROLE}/fused"),
             })
     return rows
 
@@ -139,12 +176,16 @@ def goals(rows: list[dict]) -> dict:
     }
 
 
+def _interval(r: dict | None) -> str:
+    return "n/a" if r is None else f"{r['value']:.2f}x ({r['lo']:.2f}-{r['hi']:.2f})"
+
+
 def _ms(x: float) -> str:
     return f"{x:.3g}" if x < 100 else f"{x:.0f}"
 
 
 def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minutes: float, export: str,
-                     scale: float) -> str:
+                     scale: float, precision: str = "fp32") -> str:
     gpu = f"{info['gpu']['name']} (driver {info['gpu']['driver']}), " if info.get("gpu") else ""
     v = info["versions"]
     lines = [
@@ -152,12 +193,13 @@ def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minut
         "",
         f"{gpu}{info['cpu']}, {info['available_cores']} cores, {info['threads']} threads; "
         f"torch {v.get('torch')}, onnxruntime {v.get('onnxruntime-gpu') or v.get('onnxruntime')}"
-        f"{', tensorrt ' + v['tensorrt'] if 'tensorrt' in v else ''}; fp32; exported with {export}; "
+        f"{', tensorrt ' + v['tensorrt'] if 'tensorrt' in v else ''}; {precision}; exported with {export}; "
         f"time budgets x{scale:g}; suite took {minutes:.1f} min.",
         "",
         "| model | input | backend | batch | rounds | unfused ms | fused ms | baseline ms "
-        "| unfused/fused (95% CI) | fused/baseline (95% CI) | verdict |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|---|---|",
+        "| unfused/fused (95% CI) | fused/baseline (95% CI) | verdict |"
+        + (f" fused fp32/{precision} (95% CI) |" if precision != "fp32" else ""),
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|---|" + ("---|" if precision != "fp32" else ""),
     ]
     for r in rows:
         uf, fb = r["unfused_fused"], r["fused_baseline"]
@@ -167,6 +209,7 @@ def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minut
             f"{_ms(r['unfused_ms'])} | {_ms(r['fused_ms'])} | {_ms(r['baseline_ms'])} | "
             f"{uf['value']:.2f}x ({uf['lo']:.2f}-{uf['hi']:.2f}) | "
             f"{fb['value']:.3f} ({fb['lo']:.3f}-{fb['hi']:.3f}) | {r['verdict']}{flag} |"
+            + (f" {_interval(r['fp32_speedup'])} |" if precision != "fp32" else "")
         )
     g1 = goal["resnet32_ort_cpu_unfused_over_fused_at_least_3x"]
     g2 = goal["fused_over_baseline_within_0.97_1.03"]
@@ -195,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trial", action="store_true",
                    help="a check that the suite works: results go to <machine>-trial and are labelled so")
     p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="precision the three models are timed at [fp32]")
+    p.add_argument("--calib-data", type=Path, default=None,
+                   help="ImageFolder (with train/) INT8 calibration images come from [the embedded digits set]")
     args = p.parse_args(argv)
+    if args.calib_data is not None and not (args.calib_data / "train").is_dir():
+        p.error(f"--calib-data {args.calib_data} has no train/ folder")
 
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -204,10 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.configs:
         wanted = set(args.configs.split(","))
         configs = [c for c in configs if c.name in wanted]
+    if args.precision != "fp32":
+        configs = with_precision(configs, args.precision)
+    if not configs:
+        p.error(f"no backend here times {args.precision} models")
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
     info = machine_info(threads)
     machine = (args.machine or machine_slug(info)) + ("-trial" if args.trial else "")
     out_root = args.results / machine
-    print(f"machine {machine}: {', '.join(c.name for c in configs)}; {threads} threads", flush=True)
+    print(f"machine {machine}: {', '.join(c.name for c in configs)}; {threads} threads; {args.precision}",
+          flush=True)
 
     start = time.perf_counter()
     reports = []
@@ -215,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             trt = max(sizes) if any(c.backend == "trt" for c in configs) else None
             t = time.perf_counter()
-            run_dir = prepare_run(name, Path(work), trt)
+            run_dir = prepare_run(name, Path(work), trt, args.calib_data, with_data=args.precision == "int8")
             print(f"{name}: run prepared in {time.perf_counter() - t:.0f} s", flush=True)
             for cfg in configs:
                 base = GPU_BUDGET if cfg.device == "cuda" else CPU_BUDGETS.get(name, CPU_BUDGETS["resnet32"])
@@ -223,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                                 round_s=base.round_s, min_rounds=base.min_rounds)
                 t = time.perf_counter()
                 report = bench_run(run_dir, cfg.backend, device=cfg.device, batch_sizes=sizes, budget=budget,
-                                   threads=threads, out=out_root / f"{name}_{cfg.name}")
+                                   threads=threads, out=out_root / f"{name}_{cfg.name}{suffix}",
+                                   precision=args.precision)
                 reports.append(report)
                 for e in report["results"]:
                     print(f"  {name} {cfg.name} b{e['batch']}: unfused/fused "
@@ -235,13 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = summary_rows(reports)
     goal = goals(rows)
     title = f"{machine}" + (" — TRIAL on a shared, noisy machine: NOT final figures" if args.trial else "")
-    md = summary_markdown(rows, info, goal, title, minutes, EXPORTER, args.scale)
-    write_json(out_root / "summary.json", {
-        "machine": info, "trial": args.trial, "threads": threads, "scale": args.scale,
+    md = summary_markdown(rows, info, goal, title, minutes, EXPORTER, args.scale, args.precision)
+    write_json(out_root / f"summary{suffix}.json", {
+        "machine": info, "trial": args.trial, "threads": threads, "scale": args.scale, "precision": args.precision,
         "budgets": {k: b.to_json() for k, b in CPU_BUDGETS.items()} | {"gpu": GPU_BUDGET.to_json()},
         "minutes": minutes, "export": EXPORTER, "rows": rows, "goals": goal,
     })
-    with atomic_path(out_root / "summary.md") as tmp:
+    with atomic_path(out_root / f"summary{suffix}.md") as tmp:
         tmp.write_text(md)
     print(md)
     return 0

@@ -9,6 +9,12 @@ Cast after the input and one before the output): the file a strongly typed Tenso
 build makes an fp16 engine of, and that ONNX Runtime runs on any device. It is
 exported from a half-precision copy of the module, so its graph is the fp32 graph's
 with the same operators, not a rewrite of the ONNX file.
+
+The exporter shares bitwise-equal weights between layers through ``Identity`` nodes (the
+all-zero biases of an untrained model, say). Every layer gets its own initializer back
+(:func:`unshare_initializers`): with those nodes in the way ONNX Runtime's CPU provider
+keeps an fp16 file's convolutions on its slow fp16 kernels instead of casting them to its
+fp32 ones, so a model whose weights happen to repeat ran slower than one whose do not.
 """
 
 from __future__ import annotations
@@ -40,6 +46,25 @@ class HalfWithFloatIO(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.half()).float()
+
+
+def unshare_initializers(graph) -> int:
+    """Replace every ``Identity`` of an initializer by a copy of it under the node's output
+    name, in place; returns how many were replaced. The computation is unchanged."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    shared = [n for n in graph.node
+              if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in outputs]
+    for node in shared:
+        array = numpy_helper.to_array(initializers[node.input[0]])
+        graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
+        graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input} | outputs
+    for name in {n.input[0] for n in shared} - used:  # a source only the Identities read
+        graph.initializer.remove(initializers[name])
+    return len(shared)
 
 
 def max_opset() -> int:
@@ -103,6 +128,7 @@ def export_onnx(
             raise RSDError(f"PyTorch's ONNX exporter cannot export {name} at input "
                            f"{tuple(input_shape)} (opset {opset}): {first}") from None
     proto = onnx.load_from_string(buffer.getvalue())
+    unshare_initializers(proto.graph)
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, str(value)

@@ -56,3 +56,27 @@ def test_tiny_suite_run(suite, tmp_path):
     assert md.startswith("# Latency suite: ci-trial") and "TRIAL" in md and "| resnet20 | 32x32 | ort-cpu | 1 |" in md
     # Its own files only: the hand-written READMEs link to the summaries and are never rewritten.
     assert all(p.read_bytes() == text for p, text in readmes.items())
+
+
+def test_tiny_int8_suite_run(suite, tmp_path, capsys):
+    # INT8 models calibrated on the embedded digits images (real images, untrained weights):
+    # PyTorch has no int8 and is left out with its reason; files carry the precision.
+    assert suite.main(["--models", "resnet20", "--batch-sizes", "2", "--configs", "ort_cpu,torch_cpu",
+                       "--scale", "0.02", "--threads", "1", "--machine", "ci", "--trial",
+                       "--precision", "int8", "--results", str(tmp_path / "r")]) == 0
+    assert "PyTorch on cpu skipped: it has no int8 precision" in capsys.readouterr().err
+    out = tmp_path / "r" / "ci-trial"
+    assert {p.name for p in out.iterdir()} == {"resnet20_ort_cpu_int8", "summary_int8.json", "summary_int8.md"}
+    bench = json.loads((out / "resnet20_ort_cpu_int8" / "bench.json").read_text())
+    assert bench["precision"] == "int8" and "digits" in json.dumps(bench)
+    row, = json.loads((out / "summary_int8.json").read_text())["rows"]
+    assert row["precision"] == "int8" and row["fp32_speedup"]["lo"] <= row["fp32_speedup"]["value"]
+    md = (out / "summary_int8.md").read_text()
+    assert "; int8; exported" in md and "fused fp32/int8 (95% CI)" in md
+
+
+def test_suite_refuses_a_precision_no_backend_here_has(suite, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        suite.main(["--configs", "torch_cpu", "--precision", "fp16", "--results", str(tmp_path)])
+    assert e.value.code == 2 and "no backend here times fp16 models" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

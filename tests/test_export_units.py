@@ -158,3 +158,46 @@ def test_a_model_the_onnx_exporter_cannot_take_is_one_line(tmp_path):
     with pytest.raises(RSDError, match=r"^PyTorch's ONNX exporter cannot export Sequential at input \(3, 4, 4\)") as e:
         export_onnx(model, tmp_path / "m.onnx", input_shape=(3, 4, 4))
     assert "\n" not in str(e.value) and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_repeated_weights_get_their_own_initializers(tmp_path, precision):
+    import onnx
+    import onnxruntime as ort
+
+    # Three convs with bitwise-equal (zero) biases, as in an untrained fused model: the
+    # exporter shares them through Identity nodes, which kept ONNX Runtime's CPU provider
+    # on its fp16 kernels for an fp16 file. Each conv must read its own initializer.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Conv2d(4, 4, 3, padding=1) for _ in range(3))).eval()
+    for m in model:
+        torch.nn.init.zeros_(m.bias)
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, input_shape=(4, 6, 6), precision=precision)
+    graph = onnx.load(str(path)).graph
+    assert [n.op_type for n in graph.node if n.op_type != "Cast"] == ["Conv"] * 3
+    names = {t.name for t in graph.initializer}
+    assert all(i in names for n in graph.node if n.op_type == "Conv" for i in n.input[1:])
+    assert len(names) == 6  # a weight and a bias per conv, none unused
+    x = torch.randn(2, 4, 6, 6)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    atol = 1e-5 if precision == "fp32" else 2e-2
+    np.testing.assert_allclose(got, model(x).detach().numpy(), atol=atol, rtol=atol)
+
+
+def test_unshare_initializers_keeps_an_identity_that_is_a_graph_output():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rsd_deploy.onnx import unshare_initializers
+
+    w = numpy_helper.from_array(np.ones(3, np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["a"]), helper.make_node("Identity", ["w"], ["out"]),
+         helper.make_node("Add", ["x", "a"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]),
+         helper.make_tensor_value_info("out", TensorProto.FLOAT, [3])], [w])
+    assert unshare_initializers(graph) == 1
+    assert [n.op_type for n in graph.node] == ["Identity", "Add"]
+    assert sorted(t.name for t in graph.initializer) == ["a", "w"]  # w still read by the kept Identity
