@@ -226,45 +226,9 @@ def summary_markdown(rows: list[dict], info: dict, goal: dict, title: str, minut
 
 # Main ---------------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo names")
-    p.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
-    p.add_argument("--configs", default=None,
-                   help="comma-separated backend_device, e.g. ort_cpu,torch_cpu [default: all available]")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads [default: all available cores]")
-    p.add_argument("--scale", type=float, default=1.0, help="multiply every time budget (e.g. 0.3 for a trial)")
-    p.add_argument("--machine", default=None, help="results folder name [default: from the CPU / GPU]")
-    p.add_argument("--trial", action="store_true",
-                   help="a check that the suite works: results go to <machine>-trial and are labelled so")
-    p.add_argument("--results", type=Path, default=HERE / "results")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="precision the three models are timed at [fp32]")
-    p.add_argument("--calib-data", type=Path, default=None,
-                   help="ImageFolder (with train/) INT8 calibration images come from [the embedded digits set]")
-    args = p.parse_args(argv)
-    if args.calib_data is not None and not (args.calib_data / "train").is_dir():
-        p.error(f"--calib-data {args.calib_data} has no train/ folder")
-
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    sizes = [int(b) for b in args.batch_sizes.split(",")]
-    threads = args.threads or available_cores()
-    configs = available_configs()
-    if args.configs:
-        wanted = set(args.configs.split(","))
-        configs = [c for c in configs if c.name in wanted]
-    if args.precision != "fp32":
-        configs = with_precision(configs, args.precision)
-    if not configs:
-        p.error(f"no backend here times {args.precision} models")
-    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
-    info = machine_info(threads)
-    machine = (args.machine or machine_slug(info)) + ("-trial" if args.trial else "")
-    out_root = args.results / machine
-    print(f"machine {machine}: {', '.join(c.name for c in configs)}; {threads} threads; {args.precision}",
-          flush=True)
-
-    start = time.perf_counter()
+def run_suite(names: list[str], configs: list[Config], sizes: list[int], threads: int,
+              args: argparse.Namespace, out_root: Path, suffix: str) -> list[dict]:
+    """Prepare every model's untrained run and bench it with every configuration."""
     reports = []
     with tempfile.TemporaryDirectory(prefix="rsd-suite-") as work:
         for name in names:
@@ -286,6 +250,57 @@ def main(argv: list[str] | None = None) -> int:
                           f"{e['ratios']['unfused/fused']['value']:.2f}x; {e['verdict']['text']}"
                           f"{' [' + str(len(e['warnings'])) + ' warnings]' if e['warnings'] else ''}", flush=True)
                 print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated zoo names")
+    p.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
+    p.add_argument("--configs", default=None,
+                   help="comma-separated backend_device, e.g. ort_cpu,torch_cpu [default: all available]")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads [default: all available cores]")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply every time budget (e.g. 0.3 for a trial)")
+    p.add_argument("--machine", default=None, help="results folder name [default: from the CPU / GPU]")
+    p.add_argument("--trial", action="store_true",
+                   help="a check that the suite works: results go to <machine>-trial and are labelled so")
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="precision the three models are timed at [fp32]")
+    p.add_argument("--calib-data", type=Path, default=None,
+                   help="ImageFolder (with train/) INT8 calibration images come from [the embedded digits set]")
+    args = p.parse_args(argv)
+    if args.calib_data is not None and args.precision != "int8":
+        p.error("--calib-data is for --precision int8 (the images INT8 models are calibrated on)")
+    if args.calib_data is not None and not (args.calib_data / "train").is_dir():
+        p.error(f"--calib-data {args.calib_data} has no train/ folder")
+    if args.calib_data is not None and not any(d.is_dir() for d in (args.calib_data / "train").iterdir()):
+        p.error(f"--calib-data {args.calib_data}/train has no class folders")
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    threads = args.threads or available_cores()
+    configs = available_configs()
+    if args.configs:
+        wanted = set(args.configs.split(","))
+        configs = [c for c in configs if c.name in wanted]
+    if args.precision != "fp32":
+        configs = with_precision(configs, args.precision)
+    if not configs:
+        p.error(f"no backend here times {args.precision} models")
+    suffix = "" if args.precision == "fp32" else f"_{args.precision}"
+    info = machine_info(threads)
+    machine = (args.machine or machine_slug(info)) + ("-trial" if args.trial else "")
+    out_root = args.results / machine
+    print(f"machine {machine}: {', '.join(c.name for c in configs)}; {threads} threads; {args.precision}",
+          flush=True)
+
+    start = time.perf_counter()
+    try:
+        reports = run_suite(names, configs, sizes, threads, args, out_root, suffix)
+    except RSDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     minutes = (time.perf_counter() - start) / 60
 
     rows = summary_rows(reports)

@@ -22,8 +22,9 @@ from torch import nn
 from .onnx import export_onnx
 
 #: Operators whose count depends on weight values rather than on the architecture:
-#: the exporter turns initializers with equal values (e.g. the ones and zeros of a
+#: PyTorch's exporter turns initializers with equal values (e.g. the ones and zeros of a
 #: freshly built per-channel affine) into Identity nodes of one shared tensor.
+#: ``export_onnx`` undoes that, but a file from another exporter may still have them.
 VALUE_DEPENDENT = ("Identity",)
 
 

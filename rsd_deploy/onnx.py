@@ -61,6 +61,8 @@ def unshare_initializers(graph) -> int:
         array = numpy_helper.to_array(initializers[node.input[0]])
         graph.initializer.append(numpy_helper.from_array(array, node.output[0]))
         graph.node.remove(node)
+    if any(a.g.node or a.graphs for n in graph.node for a in n.attribute):
+        return len(shared)  # subgraphs may read a source too: keep every one
     used = {i for n in graph.node for i in n.input} | outputs
     for name in {n.input[0] for n in shared} - used:  # a source only the Identities read
         graph.initializer.remove(initializers[name])

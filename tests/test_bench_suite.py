@@ -80,3 +80,19 @@ def test_suite_refuses_a_precision_no_backend_here_has(suite, tmp_path, capsys):
         suite.main(["--configs", "torch_cpu", "--precision", "fp16", "--results", str(tmp_path)])
     assert e.value.code == 2 and "no backend here times fp16 models" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_suite_calibration_data_mistakes_are_one_line(suite, tmp_path, capsys):
+    calib = tmp_path / "calib"
+    (calib / "train").mkdir(parents=True)
+    argv = ["--models", "resnet20", "--batch-sizes", "1", "--configs", "ort_cpu", "--results", str(tmp_path / "r")]
+    for extra, needle in ((["--calib-data", str(calib)], "--calib-data is for --precision int8"),
+                          (["--precision", "int8", "--calib-data", str(calib)], "train has no class folders")):
+        with pytest.raises(SystemExit) as e:
+            suite.main(argv + extra)
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    (calib / "train" / "cat").mkdir()  # a class without images: refused by the calibration, mid-suite
+    assert suite.main(argv + ["--precision", "int8", "--calib-data", str(calib)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: int8 quantization calibrates on the run's training images") and "Traceback" not in err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("summary*"))

@@ -34,7 +34,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import torch
 from torch import nn
 
 from .. import run as runs
@@ -43,7 +42,7 @@ from ..backends.base import check_device, check_precision
 from ..complexity import count_macs, count_params
 from ..errors import RSDError, option
 from ..fuse import fuse_model
-from ..quantize import DEFAULT_CALIB_SAMPLES, DEFAULT_METHOD, Calibration, calibrate
+from ..quantize import DEFAULT_CALIB_SAMPLES, DEFAULT_METHOD, MIN_OPSET, Calibration, calibrate
 from . import stats, timing
 from .report import FP32_ROLE, available_cores, machine_info, write_report
 from .runner import Budget, measure
@@ -97,27 +96,11 @@ def _read_training_run(run_dir: Path) -> runs.RunInfo:
 
 # The three models ---------------------------------------------------------------------------
 
-def _trained_like_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """``model`` with BatchNorm statistics spread as after training (seeded), not the initial 0 and 1.
-
-    Folded, the initial statistics give every conv the same all-zero bias, and PyTorch's
-    exporter shares identical initializers through Identity nodes: a graph of another
-    shape than a trained model's, which ONNX Runtime ran twice as slowly at fp16 (it kept
-    fp16 kernels where a trained model's graph was run in fp32).
-    """
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
-
-
 def _baseline(info: runs.RunInfo, baseline_dir: Path | None) -> Subject:
     if baseline_dir is None:
-        module = fuse_model(_trained_like_batchnorm(info.build_model(form="plain").eval()))
-        return Subject("baseline", f"plain {info.model}, BatchNorm folded (random weights and BatchNorm "
-                       "statistics: latency does not depend on their values)", module)
+        module = fuse_model(info.build_model(form="plain").eval())
+        return Subject("baseline", f"plain {info.model}, BatchNorm folded (random weights: latency does "
+                       "not depend on their values)", module)
     model, binfo = runs.load_run(baseline_dir)
     ours, theirs = info.to_json(), binfo.to_json()
     for key in ("model", "num_classes", "in_channels", "input_size"):
@@ -252,6 +235,9 @@ def check_inputs(run_dir: Path, backend: str, device: str | None, baseline: str 
         runs.check_made_from(deploy_dir, run_dir)
     deployed_precision = spec.precision
     precision = precision or deployed_precision
+    if precision == "int8" and spec.opset < MIN_OPSET:
+        raise RSDError(f"int8 models (per-channel Q/DQ) need opset {MIN_OPSET} or later; {deploy_dir} was "
+                       f"exported at opset {spec.opset}: re-export it with {option('opset')} {MIN_OPSET}")
     calibration = _calibration(be, info, deploy_dir, deployed_precision) if precision == "int8" else None
     spec = replace(spec, precision=precision, calibration=calibration)
     be.available(device).require()
