@@ -43,6 +43,22 @@ def test_cli_defaults_are_the_config_defaults():
     assert set(defaults) <= {p.name for p in train_cmd.params}
 
 
+def test_stability_options_reach_the_config(monkeypatch, tmp_path):
+    import rsd_deploy.training as training
+
+    seen = []
+    monkeypatch.setattr(training, "train", lambda config, out, **kw: seen.append(config) or Path(out))
+    result = _run("train", "--quiet", "--out", str(tmp_path / "r"), "--clip-grad-norm", "0", "--no-collapse-guard",
+                  "--warmup-epochs", "0.25", "--schedule", "step", "--precise-bn", "0", "--lr", "0.05")
+    assert result.exit_code == 0, result.output
+    c, = seen
+    assert (c.clip_grad_norm, c.collapse_guard, c.warmup_epochs, c.schedule, c.precise_bn, c.lr) == \
+        (None, False, 0.25, "step", 0, 0.05)
+    seen.clear()
+    assert _run("train", "--quiet", "--out", str(tmp_path / "r"), "--clip-grad-norm", "2.5").exit_code == 0
+    assert seen[0].clip_grad_norm == 2.5 and seen[0].collapse_guard and seen[0].precise_bn == TrainConfig().precise_bn
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "train").glob("*.json")), ids=lambda p: p.name)
 def test_recipes_are_valid(path):
     config = TrainConfig.from_dict(load_recipe(path), str(path)).validate()

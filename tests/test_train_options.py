@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from rsd_deploy.blocks import RSDConv
 from rsd_deploy.errors import RSDError
 from rsd_deploy.io import load_tensors
 from rsd_deploy.training import TrainConfig, checkpoint, evaluation, train
-from rsd_deploy.training.loop import _collapse, _max_entropy_loss
+from rsd_deploy.training.loop import Chance, _collapse, _collapsed_loss, _labels
 from rsd_deploy.training.precise_bn import update_bn_stats
 
 TINY = dict(data="digits", input_size=8, train_samples=128, batch_size=32, epochs=2, workers=0,
@@ -173,6 +174,20 @@ def test_precise_bn_run_saves_the_re_estimated_statistics(tmp_path):
     assert stats and all(torch.equal(state[k], saved[k]) for k in stats)
 
 
+def test_precise_bn_records_the_batches_it_used_and_warns_when_short(tmp_path, caplog):
+    import json
+    import logging
+
+    # 128 images in batches of 32: 4 full batches, fewer than the 6 asked.
+    with caplog.at_level(logging.WARNING, logger="rsd_deploy.training.loop"):
+        out = train(_config(precise_bn=6), tmp_path / "r")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["precise_bn_batches"] for r in records] == [4, 4]
+    assert sum("4 full batches, fewer than the 6 asked" in r.message for r in caplog.records) == 1
+    saved = load_tensors(out / "model.safetensors")
+    assert all(int(v) == 4 for k, v in saved.items() if k.endswith("num_batches_tracked"))
+
+
 def test_resume_with_every_stabiliser_is_bit_identical(tmp_path):
     kw = dict(precise_bn=2, warmup_epochs=0.5, clip_grad_norm=1.0, schedule="cosine", epochs=3)
     straight = train(_config(**kw), tmp_path / "straight")
@@ -195,19 +210,37 @@ def test_resume_with_every_stabiliser_is_bit_identical(tmp_path):
 # Collapse guard --------------------------------------------------------------------------
 
 
-def test_max_entropy_loss_counts_the_active_cross_entropy_terms():
-    assert _max_entropy_loss(TrainConfig(method="baseline"), 10) == pytest.approx(math.log(10))
-    assert _max_entropy_loss(TrainConfig(), 10) == pytest.approx(4 * math.log(10))
-    assert _max_entropy_loss(TrainConfig(alpha=0.5, mixture=False), 100) == pytest.approx(math.log(100))
-    assert _max_entropy_loss(TrainConfig(loss_terms=["kd_student"]), 10) is None
+def test_collapsed_loss_counts_the_active_cross_entropy_terms():
+    ten, hundred = Chance.of(None, 10), Chance.of(None, 100)
+    assert _collapsed_loss(TrainConfig(method="baseline"), ten) == pytest.approx(math.log(10))
+    assert _collapsed_loss(TrainConfig(), ten) == pytest.approx(4 * math.log(10))
+    assert _collapsed_loss(TrainConfig(alpha=0.5, mixture=False), hundred) == pytest.approx(math.log(100))
+    assert _collapsed_loss(TrainConfig(loss_terms=["kd_student"]), ten) is None
 
 
-def test_collapse_needs_chance_accuracy_and_maximum_entropy_loss():
+def test_chance_follows_the_label_frequencies():
+    balanced = Chance.of(np.repeat(np.arange(10), 7), 10)
+    assert balanced == Chance(pytest.approx(0.1), pytest.approx(math.log(10)), 10)
+    # Half the images in class 0, the rest spread over 4 of the other 9: majority 0.5 and
+    # H = -(0.5 ln 0.5 + 4 x 0.125 ln 0.125); classes without images count for nothing.
+    skewed = Chance.of(np.array([0] * 8 + [1, 1, 2, 2, 3, 3, 4, 4]), 10)
+    assert skewed.accuracy == 0.5 and skewed.entropy == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.125)))
+    labels = _labels(torch.utils.data.Subset(type("DS", (), {"targets": [5, 6, 7, 8]})(), [3, 1]))
+    assert labels.tolist() == [8, 6] and _labels(object()) is None
+
+
+def test_collapse_needs_chance_accuracy_and_the_collapsed_loss():
+    ten = Chance.of(None, 10)
     ceiling = 4 * math.log(10)
-    assert _collapse({"train_acc": 0.10, "loss": 9.17}, 10, ceiling)  # the reported collapse
-    assert _collapse({"train_acc": 0.10, "loss": 8.0}, 10, ceiling) is None  # still learning
-    assert _collapse({"train_acc": 0.30, "loss": 9.5}, 10, ceiling) is None  # above chance
-    assert _collapse({"train_acc": 0.0, "loss": 99.0}, 10, None) is None
+    assert _collapse({"train_acc": 0.10, "loss": 9.17}, ten, ceiling)  # the reported collapse
+    assert _collapse({"train_acc": 0.10, "loss": 8.0}, ten, ceiling) is None  # still learning
+    assert _collapse({"train_acc": 0.30, "loss": 9.5}, ten, ceiling) is None  # above chance
+    assert _collapse({"train_acc": 0.0, "loss": 99.0}, ten, None) is None
+    # Imbalanced classes: a network that predicts the majority class (half the images) with
+    # the label frequencies' loss has collapsed, though 50 % is far above 1 / C.
+    skewed = Chance(0.5, 1.04, 10)
+    assert _collapse({"train_acc": 0.5, "loss": 1.04}, skewed, 1.04)
+    assert _collapse({"train_acc": 0.56, "loss": 1.04}, skewed, 1.04) is None
 
 
 def _collapsing(**kw) -> TrainConfig:

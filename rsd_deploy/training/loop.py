@@ -107,8 +107,9 @@ def _train_loader(ds: Dataset, config: TrainConfig, ctx: distributed.Context, ep
     )
 
 
-def _precise_bn(model: nn.Module, ds: Dataset, config: TrainConfig, device: torch.device, epoch: int) -> None:
-    """Re-estimate BN statistics over ``config.precise_bn`` clean training batches of ``epoch``.
+def _precise_bn(model: nn.Module, ds: Dataset, config: TrainConfig, device: torch.device, epoch: int) -> int:
+    """Re-estimate BN statistics over ``config.precise_bn`` clean training batches of ``epoch``
+    (fewer when the training split has fewer full batches); returns the batches used.
 
     The batches and their augmentations are drawn from generators of their own, derived
     from ``(seed, epoch)``, so the estimate depends only on the weights and the epoch (a
@@ -121,7 +122,11 @@ def _precise_bn(model: nn.Module, ds: Dataset, config: TrainConfig, device: torc
     # training's generator as it was.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        update_bn_stats(model, loader, config.precise_bn, device)
+        used = update_bn_stats(model, loader, config.precise_bn, device)
+    if used < config.precise_bn and epoch == 0:
+        log.warning("precise BN: the training split has %d full batches, fewer than the %d asked; "
+                    "the statistics are estimated over those", used, config.precise_bn)
+    return used
 
 
 # Run directory ---------------------------------------------------------------------------
@@ -193,37 +198,68 @@ class _NonFinite(Exception):
     pass
 
 
-#: A whole epoch's mean loss within this fraction of its maximum-entropy value counts as
-#: "at" it: a collapsed network predicts the label frequencies, a hair under uniform.
+#: A whole epoch's mean loss within this fraction of its collapsed value counts as "at" it.
 COLLAPSE_LOSS_FRACTION = 0.97
-#: Training accuracy at most this multiple of 1 / classes counts as chance level.
-COLLAPSE_ACC_FACTOR = 1.5
+#: Training accuracy at most chance plus this multiple of 1 / classes counts as chance level.
+COLLAPSE_ACC_MARGIN = 0.5
 #: The guard judges an epoch only after the first epoch and after this many optimizer
 #: steps in all: a smoke run of a few steps has not had the time to leave chance level.
 COLLAPSE_MIN_STEPS = 50
 
 
-def _max_entropy_loss(config: TrainConfig, num_classes: int) -> float | None:
-    """The loss of a network that outputs the same distribution for every image, or None.
+@dataclass(frozen=True)
+class Chance:
+    """What a collapsed network scores: one that predicts the label frequencies ``p`` for
+    every image has the majority share as accuracy and the label entropy ``H(p)`` as each
+    cross-entropy term (``ln C`` for balanced classes)."""
 
-    Each cross-entropy term is then ``ln C`` at best; the KL terms are 0. None when no
+    accuracy: float
+    entropy: float
+    num_classes: int
+
+    @classmethod
+    def of(cls, labels: np.ndarray | None, num_classes: int) -> "Chance":
+        """From the training labels; balanced classes when they are unknown."""
+        if labels is None or len(labels) == 0:
+            return cls(1.0 / num_classes, math.log(num_classes), num_classes)
+        p = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes) / len(labels)
+        nz = p[p > 0]
+        return cls(float(p.max()), float(-(nz * np.log(nz)).sum()), num_classes)
+
+
+def _labels(ds: Dataset) -> np.ndarray | None:
+    """The labels of ``ds`` where the dataset keeps them (folders, arrays, subsets of those)."""
+    if isinstance(ds, Subset):
+        inner = _labels(ds.dataset)
+        return None if inner is None else inner[np.asarray(ds.indices, dtype=np.int64)]
+    for name in ("targets", "labels"):
+        value = getattr(ds, name, None)
+        if value is not None:
+            return np.asarray(value)
+    return None
+
+
+def _collapsed_loss(config: TrainConfig, chance: Chance) -> float | None:
+    """The loss of a network that outputs the label frequencies for every image, or None.
+
+    Each cross-entropy term is then the label entropy; the KL terms are 0. None when no
     cross-entropy term is active (nothing to compare against).
     """
     if config.method != "rsd":
-        return math.log(num_classes)
+        return chance.entropy
     ce_terms = [t for t in config.objective().active_terms if t.startswith("ce_")]
-    return config.alpha * len(ce_terms) * math.log(num_classes) if ce_terms else None
+    return config.alpha * len(ce_terms) * chance.entropy if ce_terms else None
 
 
-def _collapse(record: dict[str, Any], num_classes: int, ceiling: float | None) -> str | None:
+def _collapse(record: dict[str, Any], chance: Chance, ceiling: float | None) -> str | None:
     """What shows that the network has collapsed during the epoch of ``record``, or None."""
     if ceiling is None or ceiling <= 0:
         return None
-    chance = 1.0 / num_classes
-    if record["train_acc"] <= COLLAPSE_ACC_FACTOR * chance and record["loss"] >= COLLAPSE_LOSS_FRACTION * ceiling:
-        return (f"training accuracy {100 * record['train_acc']:.1f}% (chance {100 * chance:.1f}%) and "
-                f"mean loss {record['loss']:.3f}, at its maximum-entropy value {ceiling:.3f}, "
-                f"for the whole epoch")
+    limit = chance.accuracy + COLLAPSE_ACC_MARGIN / chance.num_classes
+    if record["train_acc"] <= limit and record["loss"] >= COLLAPSE_LOSS_FRACTION * ceiling:
+        return (f"training accuracy {100 * record['train_acc']:.1f}% (chance {100 * chance.accuracy:.1f}%) and "
+                f"mean loss {record['loss']:.3f}, at the value of a network that predicts only the label "
+                f"frequencies ({ceiling:.3f}), for the whole epoch")
     return None
 
 
@@ -433,7 +469,8 @@ def _epochs(config: TrainConfig, run_dir: Path, ctx: distributed.Context, setup:
     run_info, start_epoch, global_step, history = (setup.run_info, setup.start_epoch, setup.global_step,
                                                    setup.history)
 
-    ceiling = _max_entropy_loss(config, info.num_classes)
+    chance = Chance.of(_labels(train_ds), info.num_classes)
+    ceiling = _collapsed_loss(config, chance)
     trained = 0
     for epoch in range(start_epoch, config.epochs):
         if config.max_steps is not None and global_step >= config.max_steps:
@@ -447,7 +484,7 @@ def _epochs(config: TrainConfig, run_dir: Path, ctx: distributed.Context, setup:
         except _NonFinite as e:
             raise RSDError(f"{e}; training stopped ({_kept(run_dir, epoch)})") from None
         judged = config.collapse_guard and complete and epoch > 0 and global_step >= COLLAPSE_MIN_STEPS
-        seen = _collapse(record, info.num_classes, ceiling) if judged else None
+        seen = _collapse(record, chance, ceiling) if judged else None
         if seen:
             raise RSDError(
                 f"the network collapsed in epoch {epoch + 1}: {seen}; training stopped "
@@ -456,7 +493,7 @@ def _epochs(config: TrainConfig, run_dir: Path, ctx: distributed.Context, setup:
             )
         trained += 1
         if ctx.is_main and config.precise_bn:
-            _precise_bn(model, train_ds, config, ctx.device, epoch)
+            record["precise_bn_batches"] = _precise_bn(model, train_ds, config, ctx.device, epoch)
         distributed.broadcast_buffers(ctx, model)
         if ctx.is_main:
             val = evaluate(model, val_loader, ctx.device, amp=config.amp)
