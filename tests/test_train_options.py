@@ -174,12 +174,12 @@ def test_precise_bn_run_saves_the_re_estimated_statistics(tmp_path):
     assert stats and all(torch.equal(state[k], saved[k]) for k in stats)
 
 
-def test_precise_bn_records_the_batches_it_used_and_warns_when_short(tmp_path, caplog):
+def test_precise_bn_records_the_batches_it_used_and_says_when_short(tmp_path, caplog):
     import json
     import logging
 
     # 128 images in batches of 32: 4 full batches, fewer than the 6 asked.
-    with caplog.at_level(logging.WARNING, logger="rsd_deploy.training.loop"):
+    with caplog.at_level(logging.INFO, logger="rsd_deploy.training.loop"):
         out = train(_config(precise_bn=6), tmp_path / "r")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["precise_bn_batches"] for r in records] == [4, 4]

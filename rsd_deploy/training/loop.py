@@ -109,7 +109,7 @@ def _train_loader(ds: Dataset, config: TrainConfig, ctx: distributed.Context, ep
 
 def _precise_bn(model: nn.Module, ds: Dataset, config: TrainConfig, device: torch.device, epoch: int) -> int:
     """Re-estimate BN statistics over ``config.precise_bn`` clean training batches of ``epoch``
-    (fewer when the training split has fewer full batches); returns the batches used.
+    (fewer when the training split has fewer full batches: recorded and logged); returns the batches used.
 
     The batches and their augmentations are drawn from generators of their own, derived
     from ``(seed, epoch)``, so the estimate depends only on the weights and the epoch (a
@@ -124,7 +124,7 @@ def _precise_bn(model: nn.Module, ds: Dataset, config: TrainConfig, device: torc
         torch.manual_seed(seed)
         used = update_bn_stats(model, loader, config.precise_bn, device)
     if used < config.precise_bn and epoch == 0:
-        log.warning("precise BN: the training split has %d full batches, fewer than the %d asked; "
+        log.info("precise BN: the training split has %d full batches, fewer than the %d asked; "
                     "the statistics are estimated over those", used, config.precise_bn)
     return used
 
