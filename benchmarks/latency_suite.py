@@ -155,7 +155,7 @@ def summary_rows(reports: list[dict]) -> list[dict]:
                 "unfused_ms": m["unfused"]["median_ms"], "fused_ms": m["fused"]["median_ms"],
                 "baseline_ms": m["baseline"]["median_ms"],
                 "unfused_fused": uf, "fused_baseline": fb, "verdict": e["verdict"]["status"],
-                "warnings": len(e["warnings"]), "precision": r.get("precision", "fp32"),
+                "warnings": len(e["warnings"]), "precision": r["precision"],
                 "fp32_speedup": e["ratios"].get(f"{FP32_ROLE}/fused"),
             })
     return rows
@@ -284,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.configs:
         wanted = set(args.configs.split(","))
         configs = [c for c in configs if c.name in wanted]
-    if args.precision != "fp32":
-        configs = with_precision(configs, args.precision)
+    configs = with_precision(configs, args.precision)
     if not configs:
         p.error(f"no backend here times {args.precision} models")
     suffix = "" if args.precision == "fp32" else f"_{args.precision}"

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from .complexity import count_macs, count_params, human
-from .errors import RSDError
 from .restructure import RestructureReport, restructure
 from .run import ModelSource
 
@@ -72,10 +71,7 @@ def inspect_model(model: str, *, input_size: int | None = None, num_classes: int
         else:
             plain = source.create(num_classes=num_classes, in_channels=3, form="plain")
             train, report = restructure(plain)
-        try:
-            deploy = source.create(num_classes=num_classes, in_channels=3, form="deploy")
-        except RSDError as e:
-            raise RSDError(f"{source} cannot be deployed by rsd-deploy ({e})") from None
+        deploy = source.create(num_classes=num_classes, in_channels=3, form="deploy")
         points = source.default_mix_points(train, side)
         return Inspection(source, side, num_classes, report, count_params(train), count_macs(train, shape),
                           count_params(deploy), count_macs(deploy, shape), points)

@@ -57,6 +57,14 @@ def build_plain(kind: str, name: str, *, num_classes: int, in_channels: int) -> 
     return lib.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
 
 
+def deploy_form(label: str, plain: nn.Module) -> nn.Module:
+    """``plain`` with every BatchNorm folded; RSDError naming model ``label`` when one cannot be."""
+    try:
+        return fuse_model(plain)
+    except RSDError as e:
+        raise RSDError(f"{label} cannot be deployed by rsd-deploy ({e})") from None
+
+
 def create(kind: str, name: str, *, num_classes: int, in_channels: int, form: str,
            restructured: dict[str, Any] | None = None) -> nn.Module:
     """Model ``name`` of ``kind`` in ``form``; ``restructured`` repeats a recorded restructuring.
@@ -68,7 +76,7 @@ def create(kind: str, name: str, *, num_classes: int, in_channels: int, form: st
     if form == "plain":
         return plain
     if form == "deploy":
-        return fuse_model(plain)
+        return deploy_form(f"{kind}:{name}", plain)
     options = restructured or {}
     model, _ = restructure(plain, kernel_sizes=options.get("kernel_sizes", DEFAULT_KERNEL_SIZES),
                            num_square=options.get("num_square", 3), exclude=options.get("exclude", ()),

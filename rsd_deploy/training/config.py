@@ -102,7 +102,6 @@ class TrainConfig:
             if source.kind == "zoo":
                 raise RSDError(f"{option('init_weights')} starts torchvision or timm models; zoo runs "
                                f"continue with {option('resume')}")
-
         if sorted(self.lr_milestones) != list(self.lr_milestones) or any(
             m < 1 for m in self.lr_milestones
         ):

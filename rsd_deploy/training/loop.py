@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .. import __version__
 from ..data import DataInfo, load_datasets
 from ..errors import RSDError, option
-from ..fuse import fuse_model
 from ..io import DirLock, atomic_path, atomic_paths, load_tensors, remove_stale_temps, sha256_file, write_tensors
+from ..models.external import deploy_form
 from ..restructure import restructure
 from ..run import RUN_FILE, WEIGHTS_FILE, ModelSource, Normalization, RunInfo
 from . import checkpoint, distributed
@@ -125,7 +125,7 @@ def _precise_bn(model: nn.Module, ds: Dataset, config: TrainConfig, device: torc
         used = update_bn_stats(model, loader, config.precise_bn, device)
     if used < config.precise_bn and epoch == 0:
         log.info("precise BN: the training split has %d full batches, fewer than the %d asked; "
-                    "the statistics are estimated over those", used, config.precise_bn)
+                 "the statistics are estimated over those", used, config.precise_bn)
     return used
 
 
@@ -401,10 +401,7 @@ def _build_model(config: TrainConfig, info: DataInfo, form: str, say: bool,
     if source.kind == "zoo":
         return source.create(num_classes=info.num_classes, in_channels=info.in_channels, form=form), None
     plain = source.create(num_classes=info.num_classes, in_channels=info.in_channels, form="plain")
-    try:
-        fuse_model(plain)
-    except RSDError as e:
-        raise RSDError(f"{source} cannot be deployed by rsd-deploy ({e})") from None
+    deploy_form(str(source), plain)
     init = config.init_weights is not None and not resume
     if init:
         _load_init_weights(plain, Path(config.init_weights), source)
