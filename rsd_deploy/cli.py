@@ -296,8 +296,8 @@ def _csv(kind):
               help="Comma-separated modules whose outputs RSD mixes (stage outputs) [default: the "
                    "model's, or its family's].")
 @click.option("--init-weights", default=None,
-              help="A safetensors state dict of the plain torchvision/timm model to start from "
-                   "(the RSD form starts equivalent to it).")
+              help="A safetensors state dict of the plain model to start from: a baseline run's "
+                   "model.safetensors, or a torchvision/timm state dict (the RSD form starts equivalent to it).")
 @click.option("--method", type=click.Choice(METHODS), default=_TRAIN.method, show_default=True,
               help="rsd: multi-branch form with the RSD loss; baseline: plain conv+BN with cross-entropy.")
 @click.option("--data", default=_TRAIN.data, show_default=True,
@@ -344,6 +344,8 @@ def _csv(kind):
               help="Loss terms switched on (ablations).")
 @click.option("--detach-teacher/--no-detach-teacher", default=_TRAIN.detach_teacher, show_default=True,
               help="Stop gradients through the KL targets.")
+@click.option("--label-smoothing", type=float, default=_TRAIN.label_smoothing, show_default=True,
+              help="Label smoothing of every cross-entropy term, RSD's and the baseline's, in [0, 1).")
 @click.option("--device", type=click.Choice(DEVICES), default=_TRAIN.device, show_default=True)
 @click.option("--amp/--no-amp", default=_TRAIN.amp, show_default=True, help="mixed precision: float16 autocast with gradient scaling on CUDA, bfloat16 autocast on a CPU with bfloat16 instructions.")
 @click.option("--workers", type=int, default=_TRAIN.workers, show_default=True, help="Data loading processes.")

@@ -205,3 +205,35 @@ def restructure(
             out.set_submodule(name, block)
             out.set_submodule(bn, nn.Identity())
     return out, report
+
+
+@torch.no_grad()
+def load_equivalent(rsd: nn.Module, plain: nn.Module) -> nn.Module:
+    """Start ``rsd`` (a zoo model's RSD form) computing exactly what ``plain`` (its plain form) does.
+
+    Every :class:`RSDConv` of ``rsd`` takes the conv and BN of the ``ConvBN`` of the same
+    name in ``plain`` in its first KxK branch, every other branch with BN weight and bias 0
+    (:func:`rsd_conv_from` with ``equivalent_init``); every other tensor is copied by name.
+    RSDError when the two are not the forms of one architecture. Returns ``rsd``.
+    """
+    from .blocks import ConvBN
+
+    plain_modules = dict(plain.named_modules())
+    state = plain.state_dict()
+    blocks = {name: m for name, m in rsd.named_modules() if isinstance(m, RSDConv)}
+    for name, block in blocks.items():
+        src = plain_modules.get(name)
+        if not isinstance(src, ConvBN) or src.bn is None:
+            raise RSDError(f"{name!r} has no conv+BN in the plain model to start its RSD block from "
+                           f"(found {type(src).__name__}): only blocks followed by BatchNorm can start equivalent")
+        start = rsd_conv_from(src.conv, src.bn, num_square=block.num_square, equivalent_init=True)
+        block.load_state_dict(start.state_dict())
+        for key in list(state):
+            if key.startswith(f"{name}."):
+                del state[key]
+    own = {k: v for k, v in rsd.state_dict().items() if not any(k.startswith(f"{n}.") for n in blocks)}
+    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
+        first = sorted(set(own) ^ set(state)) or [k for k in own if own[k].shape != state[k].shape]
+        raise RSDError(f"the plain model does not match the RSD form outside its blocks: first mismatch {first[0]!r}")
+    rsd.load_state_dict(state, strict=False)
+    return rsd

@@ -107,7 +107,7 @@ def test_init_weights_start_the_rsd_form_where_the_plain_model_was(tmp_path):
     assert result.exit_code == 0, result.output
     recorded = json.loads((tmp_path / "r" / "run.json").read_text())
     assert recorded["training"]["init_weights_sha256"] == sha256_file(path)
-    _one_line_error(_run("train", "--init-weights", path, *SMOKE), "--init-weights", "--resume")
+    _one_line_error(_run("train", "--init-weights", path, *SMOKE), "does not match resnet20")
     _one_line_error(_run("train", "--model", "torchvision:resnet18", "--init-weights", tmp_path / "nope",
                          *SMOKE), "not found")
     # An ImageNet state dict (1000 classes) starts a 10-class run: only the classifier is fresh.

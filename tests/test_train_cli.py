@@ -152,6 +152,9 @@ def test_amp_on_a_cpu_without_bfloat16_is_a_one_line_error(tmp_path, monkeypatch
     (["--alpha", "0", "--beta", "0"], ["--alpha and --beta cannot both be 0"]),
     (["--momentum", "1.5"], ["--momentum must be in [0, 1)"]),
     (["--drop-rate", "1"], ["--drop-rate must be in [0, 1)"]),
+    (["--label-smoothing", "1"], ["--label-smoothing must be in [0, 1) (got 1.0)"]),
+    (["--label-smoothing", "-0.1"], ["--label-smoothing must be in [0, 1)"]),
+    (["--label-smoothing", "nan"], ["--label-smoothing must be a finite number"]),
     (["--seed", "-1"], ["--seed must be >= 0"]),
     (["--seed", "99999999999999999999999"], ["--seed must fit in 64 bits"]),
     (["--model", "vgg16", "--input-size", "4"], ["--input-size 4 is too small for vgg16 (it needs at least 8)"]),
@@ -293,3 +296,43 @@ def test_eval_of_a_moved_or_damaged_validation_split(images, tmp_path):
     (moved / "train").mkdir(parents=True)
     _one_line_error(_run("eval", str(out), "--data-dir", str(moved), "--device", "cpu", "--workers", "0"),
                     f"{moved} has no val/ folder")
+
+
+def test_a_baseline_run_starts_an_equivalent_rsd_run(tmp_path):
+    """--init-weights BASELINE_RUN/model.safetensors for a zoo model: RSD fine-tunes the baseline."""
+    import torch
+
+    from rsd_deploy.data import load_datasets
+    from rsd_deploy.io import sha256_file
+    from rsd_deploy.run import load_run
+    from rsd_deploy.training.loop import _build_model
+
+    base = tmp_path / "base"
+    tiny = [*TINY, "--epochs", "1", "--precise-bn", "1"]
+    assert _run("train", *tiny, "--method", "baseline", "--out", str(base)).exit_code == 0
+    weights = base / "model.safetensors"
+    plain, _ = load_run(base)
+    _, _, info = load_datasets("digits", input_size=8)
+    config = TrainConfig(model="resnet20", input_size=8, init_weights=str(weights)).validate()
+    rsd, _ = _build_model(config, info, "rsd", say=False)
+    assert sum(type(m).__name__ == "RSDConv" for m in rsd.modules()) == 19
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():  # trained BN statistics, so this is not the identity of a fresh net
+        torch.testing.assert_close(rsd.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-5)
+        assert plain(x).abs().max() > 0.1
+
+    ft = tmp_path / "ft"
+    result = _run("train", *tiny, "--init-weights", str(weights), "--label-smoothing", "0.1", "--out", str(ft))
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((ft / "run.json").read_text())
+    assert recorded["training"]["init_weights_sha256"] == sha256_file(weights)
+    assert recorded["config"]["label_smoothing"] == 0.1
+    assert _run("fuse-export", str(ft), "--onnx").exit_code == 0
+    assert json.loads((ft / "deploy" / "report.json").read_text())["audit"]["passed"]
+
+    # Weights of another model, or of an RSD run (not the plain form): one line, nothing written.
+    for bad, model in ((weights, "resnet32"), (ft / "model.safetensors", "resnet20")):
+        out = tmp_path / f"bad_{model}"
+        _one_line_error(_run("train", *tiny, "--model", model, "--init-weights", str(bad), "--out", str(out)),
+                        "--init-weights", f"does not match {model}")
+        assert not out.exists()

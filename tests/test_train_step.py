@@ -39,6 +39,11 @@ def _ce(z, y):  # mean over the batch of -log softmax(z)[y], written out
     return (torch.log(torch.exp(z).sum(1)) - z[torch.arange(len(y)), y]).mean()
 
 
+def _smoothed_ce(z, y, eps):  # target: 1 - eps on the label, eps spread over all classes
+    logp = z - torch.log(torch.exp(z).sum(1, keepdim=True))
+    return (1 - eps) * _ce(z, y) - eps * logp.mean(1).mean()
+
+
 def _kl(student, teacher, t):  # KL(softmax(teacher/T) || softmax(student/T)) * T^2, batch mean
     pt = torch.exp(teacher / t) / torch.exp(teacher / t).sum(1, keepdim=True)
     ps = torch.exp(student / t) / torch.exp(student / t).sum(1, keepdim=True)
@@ -323,3 +328,53 @@ def test_baseline_step_is_cross_entropy():
     x, y = _batch()
     out = CEStep(model)(x, y)
     torch.testing.assert_close(out.loss, _ce(model(x), y), rtol=1e-5, atol=1e-6)
+
+
+def test_label_smoothing_smooths_every_ce_term_and_nothing_else():
+    eps = 0.1
+    model = _model()
+    x, y = _batch()
+    reference = copy.deepcopy(model)
+    torch.manual_seed(123)
+    out = RSDStep(model, RSDObjective(label_smoothing=eps))(x, y)
+    _, hard = _by_hand(copy.deepcopy(reference), x, y, 123, 1.0, 1.0, 3.0, 0.2)
+    # The same draws by hand, each CE term with the smoothed target.
+    torch.manual_seed(123)
+    point = int(torch.randint(reference.num_mix_points, ()).item())
+    lam = float(torch.distributions.Beta(torch.tensor(2.0), torch.tensor(2.0)).sample())
+    idx = torch.randperm(len(y))
+    set_branch_drop(reference, 0.2)
+    feats, s = _features(reference, x)
+    set_branch_drop(reference, 0.0)
+    h = _features(reference, x)[0][point]
+    mixed = torch.cat([h, lam * h + (1 - lam) * h[idx], lam * h + (1 - lam) * feats[point][idx]])
+    o = _from(reference, mixed, point)
+    tl, tt, ts = o[:B], o[B : 2 * B], o[2 * B :]
+    smoothed = {
+        "ce_student": _smoothed_ce(s, y, eps), "ce_teacher": _smoothed_ce(tl, y, eps),
+        "ce_mix_tt": lam * _smoothed_ce(tt, y, eps) + (1 - lam) * _smoothed_ce(tt, y[idx], eps),
+        "ce_mix_ts": lam * _smoothed_ce(ts, y, eps) + (1 - lam) * _smoothed_ce(ts, y[idx], eps),
+        "kd_student": hard["kd_student"], "kd_mix": hard["kd_mix"],
+    }
+    for k in LOSS_TERMS:
+        torch.testing.assert_close(out.terms[k], smoothed[k].detach(), rtol=1e-5, atol=1e-6, msg=k)
+        if k.startswith("ce_"):  # smoothing really changed it
+            assert abs(float(out.terms[k]) - float(hard[k])) > 1e-3, k
+    # 0 is the paper's step, bit for bit.
+    torch.manual_seed(5)
+    a = RSDStep(copy.deepcopy(reference), RSDObjective(label_smoothing=0.0))(x, y).loss
+    torch.manual_seed(5)
+    b = RSDStep(copy.deepcopy(reference), RSDObjective())(x, y).loss
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="label smoothing"):
+        RSDObjective(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="label smoothing"):
+        CEStep(reference, label_smoothing=-0.1)
+
+
+def test_baseline_step_smooths_its_labels():
+    model = _model(form="plain")
+    x, y = _batch()
+    out = CEStep(model, label_smoothing=0.2)(x, y)
+    torch.testing.assert_close(out.loss, _smoothed_ce(model(x), y, 0.2), rtol=1e-5, atol=1e-6)
+    assert float(out.loss) > float(_ce(model(x), y)) + 1e-3 or float(out.loss) < float(_ce(model(x), y)) - 1e-3

@@ -42,8 +42,9 @@ class TrainConfig:
     input_size: int | None = None
     #: Modules whose outputs RSD mixes; None: the model's (zoo) or its family's defaults.
     mix_points: list[str] | None = None
-    #: safetensors state dict of the plain model to start from (torchvision/timm models); the
-    #: RSD form starts equivalent to it (each pair's conv and BN in one branch).
+    #: safetensors state dict of the plain model to start from (a baseline run's model.safetensors,
+    #: or a torchvision/timm state dict); the RSD form starts equivalent to it (each conv and
+    #: its BN in one branch).
     init_weights: str | None = None
     train_samples: int | None = None  #: train on an evenly spread subset of this size (smoke runs)
     val_samples: int | None = None  #: validate on an evenly spread subset of this size (smoke runs)
@@ -75,6 +76,8 @@ class TrainConfig:
     mixture: bool = True
     loss_terms: list[str] = field(default_factory=lambda: list(LOSS_TERMS))
     detach_teacher: bool = False
+    #: Label smoothing of every cross-entropy term, RSD's and the baseline's (0: hard labels).
+    label_smoothing: float = 0.0
     # Execution.
     device: str = "auto"
     amp: bool = False  #: mixed precision: float16 + gradient scaling on CUDA, bfloat16 on CPUs with bf16 units
@@ -98,10 +101,6 @@ class TrainConfig:
         if self.mix_points is not None and (not self.mix_points or not all(
                 isinstance(p, str) and p for p in self.mix_points)):
             raise RSDError(f"{option('mix_points')} must name modules (got {self.mix_points})")
-        if self.init_weights is not None:
-            if source.kind == "zoo":
-                raise RSDError(f"{option('init_weights')} starts torchvision or timm models; zoo runs "
-                               f"continue with {option('resume')}")
         if sorted(self.lr_milestones) != list(self.lr_milestones) or any(
             m < 1 for m in self.lr_milestones
         ):
@@ -116,7 +115,7 @@ class TrainConfig:
         return RSDObjective(
             alpha=self.alpha, beta=self.beta, temperature=self.temperature,
             drop_rate=self.drop_rate, mixture=self.mixture, terms=tuple(self.loss_terms),
-            detach_teacher=self.detach_teacher,
+            detach_teacher=self.detach_teacher, label_smoothing=self.label_smoothing,
         )
 
     def source(self) -> ModelSource:
@@ -168,7 +167,8 @@ _RANGES: dict[str, Rule] = {
     "input_size": AT_LEAST_1, "train_samples": AT_LEAST_1, "val_samples": AT_LEAST_1,
     "max_steps": AT_LEAST_1, "workers": NON_NEGATIVE, "seed": NON_NEGATIVE,
     "lr": POSITIVE, "lr_gamma": POSITIVE, "momentum": FRACTION, "weight_decay": NON_NEGATIVE,
-    "drop_rate": FRACTION, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, "temperature": POSITIVE,
+    "drop_rate": FRACTION, "label_smoothing": FRACTION, "alpha": NON_NEGATIVE, "beta": NON_NEGATIVE,
+    "temperature": POSITIVE,
     "warmup_epochs": NON_NEGATIVE, "clip_grad_norm": POSITIVE, "precise_bn": NON_NEGATIVE,
 }
 

@@ -34,7 +34,7 @@ from ..data import DataInfo, load_datasets
 from ..errors import RSDError, option
 from ..io import DirLock, atomic_path, atomic_paths, load_tensors, remove_stale_temps, sha256_file, write_tensors
 from ..models.external import deploy_form
-from ..restructure import restructure
+from ..restructure import load_equivalent, restructure
 from ..run import RUN_FILE, WEIGHTS_FILE, ModelSource, Normalization, RunInfo
 from . import checkpoint, distributed
 from .config import TrainConfig
@@ -364,7 +364,7 @@ def _setup(config: TrainConfig, run_dir: Path, ctx: distributed.Context, resume:
     model = model.to(ctx.device)
     points = _mix_points(config, model, info) if form == "rsd" and config.mixture else None
     step_fn: nn.Module = (RSDStep(model, config.objective(), mix_points=points) if config.method == "rsd"
-                          else CEStep(model))
+                          else CEStep(model, config.label_smoothing))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     # float16 needs gradient scaling; bfloat16 (the CPU's) has float32's range and does not.
@@ -398,11 +398,16 @@ def _build_model(config: TrainConfig, info: DataInfo, form: str, say: bool,
     Resuming, the initial weights are not read again: the resume state replaces them.
     """
     source = config.source()
+    init = config.init_weights is not None and not resume
     if source.kind == "zoo":
-        return source.create(num_classes=info.num_classes, in_channels=info.in_channels, form=form), None
+        model = source.create(num_classes=info.num_classes, in_channels=info.in_channels, form=form)
+        if init:  # the plain weights, then the RSD form started equivalent to them
+            plain = source.create(num_classes=info.num_classes, in_channels=info.in_channels, form="plain")
+            _load_init_weights(plain, Path(config.init_weights), source)
+            model = plain if form == "plain" else load_equivalent(model, plain)
+        return model, None
     plain = source.create(num_classes=info.num_classes, in_channels=info.in_channels, form="plain")
     deploy_form(str(source), plain)
-    init = config.init_weights is not None and not resume
     if init:
         _load_init_weights(plain, Path(config.init_weights), source)
     if form == "plain":
@@ -430,7 +435,8 @@ def _load_init_weights(model: nn.Module, path: Path, source: ModelSource) -> Non
     owners = {k.rpartition(".")[0] for k in differ}
     if extra or (differ and (len(owners) != 1 or not isinstance(modules.get(next(iter(owners))), nn.Linear))):
         first = extra[0] if extra else sorted(differ)[0]
-        raise RSDError(f"{path} does not match {source} (its plain form): first mismatch {first!r}")
+        raise RSDError(f"{option('init_weights')} {path} does not match {source} (its plain form): "
+                       f"first mismatch {first!r}")
     model.load_state_dict({k: v for k, v in state.items() if k not in differ}, strict=False)
     if differ:
         log.info(f"{path}: the classifier {next(iter(owners))!r} keeps fresh weights (another class count)")

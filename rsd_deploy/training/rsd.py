@@ -61,6 +61,8 @@ class RSDObjective:
     #: both passes and the mixture still run as before (same draws, same BN statistics).
     terms: tuple[str, ...] = field(default_factory=lambda: LOSS_TERMS)
     detach_teacher: bool = False  #: stop gradients through the KL targets (t and tt)
+    #: Label smoothing of every cross-entropy term (0: the paper's hard labels).
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.terms) - set(LOSS_TERMS))
@@ -74,6 +76,8 @@ class RSDObjective:
             raise ValueError(f"temperature must be positive (got {self.temperature})")
         if not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop rate must be in [0, 1) (got {self.drop_rate})")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label smoothing must be in [0, 1) (got {self.label_smoothing})")
         self.terms = tuple(t for t in LOSS_TERMS if t in self.terms)
 
     @property
@@ -130,9 +134,20 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     ) * (t * t)
 
 
-def mix_ce(logp: Tensor, y: Tensor, y_perm: Tensor, lam: float) -> Tensor:
+def smoothed_nll(logp: Tensor, y: Tensor, smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy from ``logp = log_softmax(z)``, with label smoothing ``smoothing``.
+
+    Equals ``F.cross_entropy(z, y, label_smoothing=smoothing)``: the target puts
+    ``1 - smoothing`` on the label and ``smoothing`` spread evenly over all classes.
+    With 0 it is exactly ``F.nll_loss``.
+    """
+    nll = F.nll_loss(logp, y)
+    return nll if smoothing == 0 else (1.0 - smoothing) * nll - smoothing * logp.mean(dim=1).mean()
+
+
+def mix_ce(logp: Tensor, y: Tensor, y_perm: Tensor, lam: float, smoothing: float = 0.0) -> Tensor:
     """``lam * CE(z, y) + (1 - lam) * CE(z, y[idx])`` from ``logp = log_softmax(z)``."""
-    return lam * F.nll_loss(logp, y) + (1.0 - lam) * F.nll_loss(logp, y_perm)
+    return lam * smoothed_nll(logp, y, smoothing) + (1.0 - lam) * smoothed_nll(logp, y_perm, smoothing)
 
 
 def check_mix_points(model: nn.Module, points: Sequence[str]) -> None:
@@ -269,17 +284,17 @@ class RSDStep(nn.Module):
         # Loss: one log-softmax over all teacher rows serves the three CE terms.
         terms: dict[str, Tensor] = {}
         logp = F.log_softmax(out, dim=1)
-        lp_t = logp[:b]
+        lp_t, ls = logp[:b], obj.label_smoothing
         if "ce_student" in active:
-            terms["ce_student"] = F.cross_entropy(s_logits, y)
+            terms["ce_student"] = F.cross_entropy(s_logits, y, label_smoothing=ls)
         if "ce_teacher" in active:
-            terms["ce_teacher"] = F.nll_loss(lp_t, y)
+            terms["ce_teacher"] = smoothed_nll(lp_t, y, ls)
         if draw is not None:
             y_perm = y[draw.idx]
             if "ce_mix_tt" in active:
-                terms["ce_mix_tt"] = mix_ce(logp[b : 2 * b], y, y_perm, draw.lam)
+                terms["ce_mix_tt"] = mix_ce(logp[b : 2 * b], y, y_perm, draw.lam, ls)
             if "ce_mix_ts" in active:
-                terms["ce_mix_ts"] = mix_ce(logp[2 * b :], y, y_perm, draw.lam)
+                terms["ce_mix_ts"] = mix_ce(logp[2 * b :], y, y_perm, draw.lam, ls)
         if "kd_student" in active:
             target = t_logits.detach() if obj.detach_teacher else t_logits
             terms["kd_student"] = kd_loss(s_logits, target, obj.temperature)
@@ -293,13 +308,16 @@ class RSDStep(nn.Module):
 
 
 class CEStep(nn.Module):
-    """The baseline step: cross-entropy of the model's logits."""
+    """The baseline step: cross-entropy of the model's logits (with ``label_smoothing``)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label smoothing must be in [0, 1) (got {label_smoothing})")
         self.model = model
+        self.label_smoothing = label_smoothing
 
     def forward(self, x: Tensor, y: Tensor) -> StepOutput:
         logits = _logits(self.model(x), self.model)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         return StepOutput(loss, {"ce": loss.detach()}, logits.detach(), None)
