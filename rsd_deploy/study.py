@@ -1,0 +1,317 @@
+"""Training studies: named training configurations, each trained once, resumed, summarised.
+
+A study is a list of :class:`Job` s (a run directory name and a
+:class:`~rsd_deploy.training.TrainConfig`). :meth:`Study.run` trains every job that is
+not done yet, ``parallel`` at a time in processes of their own, each run resumable: a
+study that is killed continues where it stopped when it is run again, and a run folder
+another process is training is left to it. :meth:`Study.load` reads a run back as a
+:class:`Run` (its status, per-epoch history and how it ended).
+
+A *ledger* (a JSON file of :func:`record` s, typically the study's own results file)
+keeps what finished runs recorded, so a study whose results were committed counts those
+runs as done on a machine whose work folder does not have them. A run is matched to its
+ledger entry by name and by every setting that shapes its result.
+
+A collapse or a divergence is a setting's outcome and is recorded as such; any other
+failure of a run (missing data, a bug) is logged, records nothing, and is retried by
+the next :meth:`Study.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import RSDError
+from .io import DirLock, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+OUTCOME_FILE = "outcome.json"  #: how a run ended (status, message, machine), in its directory
+FAILED = ("collapsed", "diverged")  #: a setting's legitimate failures: recorded, never retried
+DONE = ("finished",) + FAILED
+#: Per-epoch metrics a record keeps (the run folder's metrics.jsonl has them all).
+HISTORY_KEYS = ("epoch", "loss", "train_acc", "val_top1", "lr", "epoch_time")
+#: Settings that do not change what a run computes: a ledger entry matches whatever they are.
+LOCATION_KEYS = ("data_dir", "init_weights", "device", "workers", "eval_batch_size", "download")
+POLL_S = 2.0
+
+
+@dataclass
+class Job:
+    """One training run of a study: its directory name, its configuration, labels for reports."""
+
+    name: str
+    config: Any  #: a TrainConfig
+    tags: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Run:
+    """A job and what is known of it."""
+
+    job: Job
+    status: str  #: finished, collapsed, diverged, partial (resumable) or pending (not started)
+    history: list[dict[str, Any]]
+    message: str | None = None
+    machine: dict[str, Any] | None = None
+    path: Path | None = None  #: its folder, when this machine has it
+
+    def top1(self, epoch: int | None = None) -> float | None:
+        """Validation top-1 (%) after ``epoch`` (1-based; default: the last one run)."""
+        if not self.history or (epoch is not None and epoch > len(self.history)):
+            return None
+        return 100 * self.history[(epoch or len(self.history)) - 1]["val_top1"]
+
+    def train_acc(self) -> float | None:
+        """Last epoch's training accuracy (%, full network on augmented batches)."""
+        return 100 * self.history[-1]["train_acc"] if self.history else None
+
+    def epoch_time(self) -> float | None:
+        """Median wall time of an epoch (s), evaluation excluded."""
+        return statistics.median(e["epoch_time"] for e in self.history) if self.history else None
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of the run in ``path`` (empty when it has none yet)."""
+    from .training.loop import METRICS_FILE
+
+    metrics = path / METRICS_FILE
+    if not metrics.exists():
+        return []
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
+def machine(threads: int, parallel: int, device: str = "cpu") -> dict[str, Any]:
+    """What a run was trained on: CPU model, cores, threads, runs at once, device, versions."""
+    from .bench.report import cpu_model
+
+    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "threads": threads,
+            "parallel_runs": parallel, "device": device,
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    from .training.loop import RESUMABLE_CHANGES
+
+    return {k: v for k, v in config.items() if k not in RESUMABLE_CHANGES and k not in LOCATION_KEYS}
+
+
+def record(run: Run, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What a study's results keep of one run; :class:`Study` reads it back as a ledger entry.
+
+    With ``root``, the configuration's paths are given relative to it (a repository's results
+    name no machine's folders).
+    """
+    h = run.history
+    config = run.job.config.to_json()
+    if root is not None:
+        config.update({k: relative(config[k], root) for k in ("data_dir", "init_weights") if config.get(k)})
+    best = max(range(len(h)), key=lambda i: h[i]["val_top1"]) if h else None
+    return {
+        "name": run.job.name, **run.job.tags, "status": run.status, "message": run.message,
+        "epochs": run.job.config.epochs, "epochs_run": len(h),
+        "last_top1": run.top1(), "best_top1": run.top1(best + 1) if h else None,
+        "best_epoch": best + 1 if h else None, "last_train_acc": run.train_acc(),
+        "epoch_time_median_s": run.epoch_time(), "machine": run.machine,
+        "config": config,
+        "history": [{k: e[k] for k in HISTORY_KEYS if k in e} for e in h],
+    }
+
+
+def mean_std(values: Iterable[float | None]) -> dict[str, Any]:
+    """``{"mean", "std", "n", "values"}`` of the values given (None skipped; std needs two)."""
+    v = [x for x in values if x is not None]
+    return {"mean": statistics.mean(v) if v else None, "std": statistics.stdev(v) if len(v) > 1 else None,
+            "n": len(v), "values": v}
+
+
+def relative(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` (``../data`` for a folder beside it): reports name no machine's folders."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(root).resolve())).as_posix()
+
+
+def _failure_kind(message: str) -> str | None:
+    """``collapsed`` / ``diverged`` for a setting's own failures, None for anything else."""
+    if "network collapsed" in message:
+        return "collapsed"
+    if "non-finite loss" in message:
+        return "diverged"
+    return None
+
+
+def execute(config: Any, path: Path, threads: int = 1, parallel: int = 1) -> dict[str, Any]:
+    """Train (or resume) one run into ``path``; returns and records how it ended.
+
+    A collapse or a divergence is recorded as the run's outcome; any other error is
+    raised and nothing is recorded, so a later call retries.
+    """
+    from .run import RUN_FILE
+    from .training import checkpoint, train
+    from .training.distributed import resolve_device
+    from .training.loop import METRICS_FILE
+
+    torch.set_num_threads(threads)
+    resume = checkpoint.exists(path)
+    if not resume:  # files of an epoch that has no resume state: start afresh
+        for stale in (RUN_FILE, METRICS_FILE):
+            (path / stale).unlink(missing_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+
+    def on_epoch_end(epoch: int, rec: dict[str, Any], _model: Any) -> None:
+        log.info(f"{path.name}: epoch {epoch}/{config.epochs}, loss {rec['loss']:.3f}, "
+                 f"val top-1 {100 * rec.get('val_top1', float('nan')):.2f}%, {rec['epoch_time']:.1f} s")
+
+    try:
+        train(config, path, resume=resume, on_epoch_end=on_epoch_end)
+        outcome: dict[str, Any] = {"status": "finished", "message": None}
+    except RSDError as e:
+        kind = _failure_kind(str(e))
+        if kind is None:
+            raise
+        outcome = {"status": kind, "message": str(e)}
+    outcome["machine"] = machine(threads, parallel, resolve_device(config.device).type)
+    write_json(path / OUTCOME_FILE, outcome)
+    return outcome
+
+
+class Study:
+    """Runs under ``work_dir/runs/<job name>``; ``ledger``: a JSON file of finished runs' records."""
+
+    def __init__(self, work_dir: str | os.PathLike, *, ledger: str | os.PathLike | None = None,
+                 threads: int = 1, parallel: int = 1) -> None:
+        if threads < 1 or parallel < 1:
+            raise RSDError(f"threads and parallel runs must be at least 1 (got {threads}, {parallel})")
+        self.work_dir = Path(work_dir)
+        self.threads, self.parallel = threads, parallel
+        self.ledger: dict[str, dict[str, Any]] = {}
+        if ledger is not None and Path(ledger).exists():
+            runs = read_json(ledger).get("runs", [])
+            self.ledger = {r["name"]: r for r in runs if isinstance(r, dict) and r.get("status") in DONE}
+
+    def path(self, job: Job) -> Path:
+        return self.work_dir / "runs" / job.name
+
+    def load(self, job: Job, ledger: bool = True) -> Run:
+        """The run of ``job`` as this machine's folder, else the ledger, has it.
+
+        RSDError when the folder holds a run trained with other settings (never a silent mix).
+        """
+        from .training import checkpoint
+
+        path = self.path(job)
+        outcome = read_json(path / OUTCOME_FILE) if (path / OUTCOME_FILE).exists() else {}
+        if outcome.get("status") in FAILED or checkpoint.exists(path):
+            if checkpoint.exists(path):
+                self._check_same_settings(job, checkpoint.read_config(path), path)
+            status = outcome.get("status")
+            if status not in FAILED:
+                done = checkpoint.read_progress(path)[0] >= job.config.epochs
+                status = "finished" if done else "partial"
+            return Run(job, status, read_history(path), outcome.get("message"), outcome.get("machine"), path)
+        entry = self.ledger.get(job.name) if ledger else None
+        if entry is not None and _comparable(entry.get("config", {})) == _comparable(job.config.to_json()):
+            return Run(job, entry["status"], entry.get("history", []), entry.get("message"), entry.get("machine"))
+        return Run(job, "pending", [], path=None)
+
+    def _check_same_settings(self, job: Job, saved: dict[str, Any], path: Path) -> None:
+        from .training.loop import RESUMABLE_CHANGES
+
+        defaults = type(job.config)().to_json()  # a key an older run lacks had its default
+        for key, value in job.config.to_json().items():
+            if key not in RESUMABLE_CHANGES and saved.get(key, defaults.get(key)) != value:
+                raise RSDError(f"{path} was trained with {key} = {saved.get(key)!r}, this study asks for "
+                               f"{value!r}: use another work folder (or delete that run)")
+
+    def busy(self, job: Job) -> bool:
+        """Whether another process holds the run folder's writer lock (it is training that run)."""
+        path = self.path(job)
+        if not path.is_dir():
+            return False
+        try:
+            with DirLock(path, "run"):
+                return False
+        except RSDError:
+            return True
+
+    def run(self, jobs: Sequence[Job], on_done: Callable[[Job], None] | None = None,
+            ledger: bool = True) -> list[str]:
+        """Train the jobs not yet done, in the order given; returns the names of runs that failed.
+
+        ``on_done(job)`` is called after each run ends. ``ledger=False`` retrains runs this
+        machine lacks even when the ledger has them (their files are needed, e.g. weights).
+        """
+        todo = list({j.name: j for j in jobs if self.load(j, ledger).status not in DONE}.values())
+        failed: list[str] = []
+        for i, job in enumerate(todo, 1):
+            log.info(f"[{i}/{len(todo)}] {job.name}: {job.config.method}, {job.config.epochs} epochs")
+        running: dict[str, tuple[Job, subprocess.Popen, Path]] = {}
+        try:
+            while todo or running:
+                while todo and len(running) < self.parallel:
+                    job = todo.pop(0)
+                    if self.load(job, ledger).status in DONE or self.busy(job):
+                        log.info(f"{job.name}: done or being trained by another process; skipped")
+                        continue
+                    running[job.name] = (job, *self._spawn(job))
+                time.sleep(POLL_S if running else 0)
+                for name, (job, proc, log_file) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    del running[name]
+                    if proc.returncode != 0:
+                        tail = " | ".join(log_file.read_text().splitlines()[-3:])
+                        log.error(f"run {name} failed (exit status {proc.returncode}; {log_file}): {tail}")
+                        failed.append(name)
+                    elif on_done is not None:
+                        on_done(job)
+        finally:
+            for _, proc, _ in running.values():  # resumable: every file is written atomically
+                proc.terminate()
+                proc.wait()
+        return failed
+
+    def _spawn(self, job: Job) -> tuple[subprocess.Popen, Path]:
+        spec = {"config": job.config.to_json(), "run_dir": str(self.path(job)),
+                "threads": self.threads, "parallel": self.parallel}
+        job_file, log_file = self.work_dir / "jobs" / f"{job.name}.json", self.work_dir / "logs" / f"{job.name}.log"
+        write_json(job_file, spec)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
+        with log_file.open("a") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "rsd_deploy.study", str(job_file)],
+                                    stdout=out, stderr=subprocess.STDOUT, env=env)
+        log.info(f"{job.name}: started (log {log_file})")
+        return proc, log_file
+
+
+def job_main(job_file: str) -> int:
+    """Entry of a study's child process: train the run ``job_file`` describes."""
+    from .training import TrainConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    spec = read_json(job_file)
+    try:
+        config = TrainConfig.from_dict(spec["config"], job_file)
+        execute(config, Path(spec["run_dir"]), spec["threads"], spec["parallel"])
+    except RSDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(job_main(sys.argv[1]))
