@@ -41,7 +41,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,7 @@ EPOCH_CANDIDATES = {500: (100, 200, 400), 1000: (100, 200, 400), 2500: (100, 200
 CONVERGED_GAIN = 1.0  #: points of top-1 that doubling the epochs must stay under
 WALL_CLOCK_RATIO = 8  #: RSD's epoch costs about this many baseline epochs (measured: see the report)
 FINETUNE_FRACTION = 0.25
+WAIT_S = 30.0
 #: One change to RSD each. "ce_only" drops both KL terms (CE terms only, i.e. KL terms
 #: off); "two_ce" keeps CE(s) and CE(t) alone, with no mixture: the branches and the
 #: branch drop without any distillation.
@@ -483,6 +486,9 @@ def train_study(args: argparse.Namespace, base: TrainConfig, study: Study) -> li
                 and j.name not in failed]
         if not todo:
             break
+        if all(study.busy(j) for j in todo):  # another process trains what the pilot waits for
+            time.sleep(WAIT_S)
+            continue
         failed += study.run(todo, report)
     epochs = {n: c["epochs"] for n, c in plan(args, base, study)[1].items()}
     jobs = [j for g in args.groups if g != "pilot" for j in group_jobs(g, base, args, epochs)]
@@ -495,6 +501,7 @@ def train_study(args: argparse.Namespace, base: TrainConfig, study: Study) -> li
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed study stops its runs too
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
