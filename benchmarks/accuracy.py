@@ -37,11 +37,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -51,23 +49,17 @@ from typing import Any
 
 import torch
 
-from rsd_deploy.bench.report import cpu_model
 from rsd_deploy.data import load_datasets
 from rsd_deploy.errors import RSDError
-from rsd_deploy.io import DirLock, atomic_path, read_json, write_json
-from rsd_deploy.run import RUN_FILE
-from rsd_deploy.training import TrainConfig, checkpoint, load_recipe, train
+from rsd_deploy.io import atomic_path, write_json
+from rsd_deploy.study import DONE, FAILED, Run, Study, command_line, machine, relative
+from rsd_deploy.training import TrainConfig, load_recipe
 from rsd_deploy.training.distributed import resolve_device
-from rsd_deploy.training.loop import METRICS_FILE, RESUMABLE_CHANGES
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 METHODS = ("baseline", "rsd")
-OUTCOME_FILE = "outcome.json"  #: how a run ended (status, message, machine), in its directory
-FAILED = ("collapsed", "diverged")  #: a setting's legitimate failures: recorded, never chosen
-DONE = ("finished",) + FAILED
 TREND_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-POLL_S = 2.0
 REPORT_EVERY_S = 60.0  #: while training, rewrite the outputs at most this often (and at the end)
 #: The issue's budget; the report lists every way a run departs from it.
 ISSUE = {"data": "cifar10-mini", "train_images": 10_000, "model": "resnet20", "epochs": 30,
@@ -119,7 +111,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--out-name", help="results are accuracy_<name>.* [<recipe stem>_<epochs>ep[_<n>img]]")
     a("--report-only", action="store_true", help="rebuild JSON, Markdown and PNG from the runs on disk")
     a("--plot-only", action="store_true", help="rebuild the PNG from the runs on disk")
-    a("--job", help=argparse.SUPPRESS)  # internal: train one run in this process
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     for key in ("lrs", "warmups", "seeds"):  # "0,1" and "0 1" alike
@@ -236,185 +227,19 @@ def final_jobs(args: argparse.Namespace, base: TrainConfig, chosen: dict[str, Se
             for m, s in chosen.items() if s is not None for seed in args.seeds]
 
 
-# Runs on disk ----------------------------------------------------------------------------
+# Runs ------------------------------------------------------------------------------------
 
 
-@dataclass
-class Run:
-    """A job and what its directory holds."""
-
-    job: Job
-    status: str  #: finished, collapsed, diverged, partial (resumable) or pending (not started)
-    history: list[dict[str, Any]]
-    message: str | None = None
-    machine: dict[str, Any] | None = None
-
-    def top1(self, epoch: int | None = None) -> float | None:
-        """Validation top-1 (%) after ``epoch`` (1-based; default: the last one run)."""
-        if not self.history or (epoch is not None and epoch > len(self.history)):
-            return None
-        return 100 * self.history[(epoch or len(self.history)) - 1]["val_top1"]
+def study(args: argparse.Namespace) -> Study:
+    return Study(args.work_dir, threads=args.threads, parallel=args.parallel)
 
 
-def run_dir(work: Path, job: Job) -> Path:
-    return work / "runs" / job.name
-
-
-def read_history(path: Path) -> list[dict[str, Any]]:
-    metrics = path / METRICS_FILE
-    if not metrics.exists():
-        return []
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-
-
-def check_same_settings(job: Job, path: Path) -> None:
-    """RSDError when the run in ``path`` was started with settings other than ``job``'s."""
-    saved = checkpoint.read_config(path)
-    wanted = job.config.to_json()
-    for key, value in wanted.items():
-        if key not in RESUMABLE_CHANGES and saved.get(key) != value:
-            raise RSDError(f"{path} was trained with {key} = {saved.get(key)!r}, this benchmark asks for "
-                           f"{value!r}: use another --work-dir (or delete that run)")
-
-
-def load_run(work: Path, job: Job) -> Run:
-    path = run_dir(work, job)
-    outcome = read_json(path / OUTCOME_FILE) if (path / OUTCOME_FILE).exists() else {}
-    history = read_history(path)
-    status = outcome.get("status")
-    if status not in FAILED:
-        if checkpoint.exists(path):
-            check_same_settings(job, path)
-            done = checkpoint.read_progress(path)[0] >= job.config.epochs
-            status = "finished" if done else "partial"
-        else:
-            status = "pending"
-    return Run(job, status, history, outcome.get("message"), outcome.get("machine"))
-
-
-# Training --------------------------------------------------------------------------------
-
-
-def failure_kind(message: str) -> str | None:
-    """``collapsed`` / ``diverged`` for the setting's own failures, None for anything else."""
-    if "network collapsed" in message:
-        return "collapsed"
-    if "non-finite loss" in message:
-        return "diverged"
-    return None
-
-
-def machine(config: TrainConfig, threads: int, parallel: int) -> dict[str, Any]:
-    device = resolve_device(config.device)
-    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "threads": threads,
-            "parallel_runs": parallel, "device": device.type,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "python": platform.python_version()}
-
-
-def execute(config: TrainConfig, path: Path, threads: int, parallel: int,
-            say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or resume) one run into ``path``; returns and records how it ended.
-
-    A collapse or a divergence is the setting's outcome and is recorded; any other error
-    (missing data, a bug) is raised and nothing is recorded, so a rerun retries.
-    """
-    torch.set_num_threads(threads)
-    resume = checkpoint.exists(path)
-    if not resume:  # files of an epoch that has no resume state: start afresh
-        for stale in (RUN_FILE, METRICS_FILE):
-            (path / stale).unlink(missing_ok=True)
-    path.mkdir(parents=True, exist_ok=True)
-
-    def on_epoch_end(epoch: int, record: dict[str, Any], _model: Any) -> None:
-        say(f"  {path.name}: epoch {epoch}/{config.epochs}, loss {record['loss']:.3f}, "
-            f"val top-1 {100 * record.get('val_top1', float('nan')):.2f}%, {record['epoch_time']:.1f} s")
-
-    try:
-        train(config, path, resume=resume, on_epoch_end=on_epoch_end)
-        outcome: dict[str, Any] = {"status": "finished", "message": None}
-    except RSDError as e:
-        kind = failure_kind(str(e))
-        if kind is None:
-            raise
-        outcome = {"status": kind, "message": str(e)}
-    outcome["machine"] = machine(config, threads, parallel)
-    write_json(path / OUTCOME_FILE, outcome)
-    return outcome
-
-
-def job_main(job_file: str) -> int:
-    """Entry of a child process: train the run ``job_file`` describes."""
-    spec = read_json(job_file)
-    try:
-        config = TrainConfig.from_dict(spec["config"], job_file)
-        execute(config, Path(spec["run_dir"]), spec["threads"], spec["parallel"])
-    except RSDError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _spawn(job: Job, work: Path, threads: int, parallel: int) -> tuple[subprocess.Popen, Path]:
-    spec = {"config": job.config.to_json(), "run_dir": str(run_dir(work, job)),
-            "threads": threads, "parallel": parallel}
-    job_file, log = work / "jobs" / f"{job.name}.json", work / "logs" / f"{job.name}.log"
-    write_json(job_file, spec)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    with log.open("a") as out:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--job", str(job_file)],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
-    return proc, log
-
-
-def busy(path: Path) -> bool:
-    """Whether another process holds the run folder's writer lock (it is training that run)."""
-    if not path.is_dir():
-        return False
-    try:
-        with DirLock(path, "run"):
-            return False
-    except RSDError:
-        return True
-
-
-def run_jobs(jobs: Sequence[Job], work: Path, threads: int, parallel: int,
-             on_done: Callable[[Job], None]) -> None:
-    """Train ``jobs`` not yet done, ``parallel`` at a time; ``on_done(job)`` after each."""
-    todo = [j for j in jobs if load_run(work, j).status not in DONE]
-    todo = list({j.name: j for j in todo}.values())  # a final run may be a sweep run
-    todo.sort(key=lambda j: -_cost(j.config))  # longest first: the last runs end together
-    for i, job in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {job.stage}: {job.method}, {job.setting.label()}, seed {job.seed}, "
-              f"{job.config.resolved_input_size()} px, {job.config.epochs} epochs -> {job.name}", flush=True)
-    if parallel == 1:
-        for job in todo:
-            if load_run(work, job).status in DONE or busy(run_dir(work, job)):
-                print(f"  {job.name}: done or being trained by another process; skipped", flush=True)
-                continue
-            execute(job.config, run_dir(work, job), threads, parallel, say=lambda s: print(s, flush=True))
-            on_done(job)
-        return
-    running: dict[str, tuple[Job, subprocess.Popen, Path]] = {}
-    try:
-        while todo or running:
-            while todo and len(running) < parallel:
-                job = todo.pop(0)
-                running[job.name] = (job, *_spawn(job, work, threads, parallel))
-            time.sleep(POLL_S)
-            for name, (job, proc, log) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                del running[name]
-                if proc.returncode != 0:
-                    tail = "\n".join(log.read_text().splitlines()[-5:])
-                    raise RSDError(f"run {name} failed (exit status {proc.returncode}); {log}:\n{tail}")
-                on_done(job)
-    finally:
-        for _, proc, _ in running.values():  # resumable: every file is written atomically
-            proc.terminate()
-            proc.wait()
+def run_jobs(jobs: Sequence[Job], args: argparse.Namespace, on_done: Callable[[Job], None]) -> None:
+    """Train ``jobs`` not yet done, longest first (so parallel runs end together)."""
+    todo = sorted({j.name: j for j in jobs}.values(), key=lambda j: -_cost(j.config))  # a final run may be a sweep run
+    failed = study(args).run(todo, on_done)
+    if failed:
+        raise RSDError(f"{len(failed)} run(s) failed: {', '.join(failed)} (their logs say why)")
 
 
 def _cost(config: TrainConfig) -> float:
@@ -671,10 +496,11 @@ def build_result(args: argparse.Namespace, base: TrainConfig, sweep: list[Run], 
     return {
         "benchmark": "accuracy", "name": args.out_name,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join(["python benchmarks/accuracy.py", *args.argv]),
-        "recipe": args.config,
+        "command": command_line("benchmarks/accuracy.py", args.argv, ROOT),
+        "recipe": relative(args.config, ROOT),
         "setup": {
-            "data": data_name(base), "data_set": base.data, "data_dir": base.data_dir,
+            "data": data_name(base), "data_set": base.data,
+            "data_dir": relative(base.data_dir, ROOT) if base.data_dir else None,
             "train_images": min(base.train_samples or sizes["train"], sizes["train"]),
             "train_images_available": sizes["train"], "val_images": sizes["val"],
             "model": base.model, "batch_size": base.batch_size, "schedule": base.schedule,
@@ -686,9 +512,9 @@ def build_result(args: argparse.Namespace, base: TrainConfig, sweep: list[Run], 
                       "lrs": args.lrs, "warmup_epochs": args.warmups,
                       "lr_milestones": scale_milestones(base.lr_milestones, base.epochs, args.sweep_epochs)},
             "threads_per_run": args.threads, "parallel_runs": args.parallel,
-            "machine_now": machine(base, args.threads, args.parallel),
+            "machine_now": machine(args.threads, args.parallel, resolve_device(base.device).type),
             "machines_of_runs": [dict(t) for t in sorted({tuple(sorted(m.items())) for m in machines}, key=str)],
-            "base_config": base.to_json(),
+            "base_config": dict(base.to_json(), data_dir=relative(base.data_dir, ROOT) if base.data_dir else None),
         },
         "issue_differences": issue_differences(args, base, sizes, final_size),
         "sweep": [run_record(r) for r in sweep],
@@ -906,10 +732,11 @@ def out_paths(args: argparse.Namespace) -> dict[str, Path]:
 
 def collect(args: argparse.Namespace, base: TrainConfig) -> tuple[list[Run], dict[str, dict[str, Any]], list[Run]]:
     """The sweep runs, the choice and the final runs, as the work directory holds them."""
-    sweep = [load_run(args.work_dir, j) for j in sweep_jobs(args, base)]
+    runs = study(args)
+    sweep = [runs.load(j) for j in sweep_jobs(args, base)]
     chosen = choose(sweep)
     settings = {m: c["setting"] for m, c in chosen.items()}
-    final = [load_run(args.work_dir, j) for j in final_jobs(args, base, settings)]
+    final = [runs.load(j) for j in final_jobs(args, base, settings)]
     return sweep, chosen, final
 
 
@@ -940,8 +767,7 @@ def throttled(fn: Callable[[], Any], every_s: float) -> Callable[[Job], None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.job:
-        return job_main(args.job)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     try:
         check_args(args)
@@ -956,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_outputs(args, base, sizes, plot_only=args.plot_only)
         else:
             if args.stage in ("all", "sweep"):
-                run_jobs(mine(sweep_jobs(args, base)), args.work_dir, args.threads, args.parallel, report)
+                run_jobs(mine(sweep_jobs(args, base)), args, report)
             if args.stage in ("all", "final"):
                 chosen = choose(collect(args, base)[0])
                 missing = [m for m, c in chosen.items() if c["setting"] is None]
@@ -965,7 +791,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    + "; ".join(dict.fromkeys(chosen[m]["reason"] for m in missing))
                                    + (" (run --stage sweep first)" if args.stage == "final" else ""))
                 settings = {m: c["setting"] for m, c in chosen.items()}
-                run_jobs(mine(final_jobs(args, base, settings)), args.work_dir, args.threads, args.parallel, report)
+                run_jobs(mine(final_jobs(args, base, settings)), args, report)
             result = write_outputs(args, base, sizes)
             print(f"\n{result['verdict']}")
     except RSDError as e:

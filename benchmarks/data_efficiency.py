@@ -52,7 +52,7 @@ import torch
 
 from rsd_deploy.errors import RSDError
 from rsd_deploy.io import atomic_path, write_json
-from rsd_deploy.study import DONE, Job, Run, Study, mean_std, record, relative
+from rsd_deploy.study import DONE, Job, Run, Study, command_line, mean_std, record, relative
 from rsd_deploy.training import TrainConfig, load_recipe
 
 HERE = Path(__file__).resolve().parent
@@ -365,7 +365,7 @@ def build_result(args: argparse.Namespace, base: TrainConfig, runs: list[Run], c
         "epoch_candidates": {str(k): list(v) for k, v in candidates_of(args).items()},
         "converged_gain": CONVERGED_GAIN, "wall_clock_ratio": WALL_CLOCK_RATIO,
         "finetune_fraction": FINETUNE_FRACTION, "ablations": ABLATIONS, "fair": FAIR,
-        "command": "python benchmarks/data_efficiency.py " + " ".join(sys.argv[1:]),
+        "command": command_line("benchmarks/data_efficiency.py", sys.argv[1:], ROOT),
         "reporting_cpu": cpu_model(), "complete": not pending, "pending": pending,
         "summary": summarize(runs, args, choice),
         "runs": [record(r, ROOT) for r in runs if r.status != "pending"],

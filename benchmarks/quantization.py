@@ -37,7 +37,10 @@ from rsd_deploy.export import ExportOptions, fuse_export
 from rsd_deploy.io import atomic_path, sha256_file, write_json
 from rsd_deploy.quantize import METHODS, accuracy_gate, calibrate, quantize_onnx, validation_set
 from rsd_deploy.run import WEIGHTS_FILE, load_run, read_run
+from rsd_deploy.study import relative
 
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -100,7 +103,7 @@ def measure(run: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     ort = get_backend("ort")
     fp32 = ort.load(src, threads=args.threads)
     val = validation_set(info.data)
-    row: dict[str, Any] = {"run": str(run), "model": str(info.model), "method": info.method,
+    row: dict[str, Any] = {"run": relative(run, ROOT), "model": str(info.model), "method": info.method,
                            "seed": (info.config or {}).get("seed"), "weights": weight_stats(run), "int8": {}}
     files = {"fp32": src}
     for method in args.methods:

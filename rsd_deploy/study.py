@@ -1,8 +1,9 @@
 """Training studies: named training configurations, each trained once, resumed, summarised.
 
-A study is a list of :class:`Job` s (a run directory name and a
-:class:`~rsd_deploy.training.TrainConfig`). :meth:`Study.run` trains every job that is
-not done yet, ``parallel`` at a time in processes of their own, each run resumable: a
+A study is a list of jobs: a :class:`Job` (a run directory name, a
+:class:`~rsd_deploy.training.TrainConfig` and labels) or any object with ``name`` and
+``config``. :meth:`Study.run` trains every job that is not done yet, one at a time in
+this process, or ``parallel`` at a time in processes of their own; each run is resumable: a
 study that is killed continues where it stopped when it is run again, and a run folder
 another process is training is left to it. :meth:`Study.load` reads a run back as a
 :class:`Run` (its status, per-epoch history and how it ended).
@@ -30,12 +31,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from .errors import RSDError
 from .io import DirLock, read_json, write_json
+from .training import TrainConfig, checkpoint, train
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,19 @@ LOCATION_KEYS = ("data_dir", "init_weights", "device", "workers", "eval_batch_si
 POLL_S = 2.0
 
 
+class JobLike(Protocol):
+    """What a study needs of a job: the run folder's name and the run's configuration."""
+
+    name: str
+    config: TrainConfig
+
+
 @dataclass
 class Job:
     """One training run of a study: its directory name, its configuration, labels for reports."""
 
     name: str
-    config: Any  #: a TrainConfig
+    config: TrainConfig
     tags: dict[str, Any] = field(default_factory=dict)
 
 
@@ -62,7 +71,7 @@ class Job:
 class Run:
     """A job and what is known of it."""
 
-    job: Job
+    job: JobLike
     status: str  #: finished, collapsed, diverged, partial (resumable) or pending (not started)
     history: list[dict[str, Any]]
     message: str | None = None
@@ -122,7 +131,7 @@ def record(run: Run, root: str | os.PathLike | None = None) -> dict[str, Any]:
         config.update({k: relative(config[k], root) for k in ("data_dir", "init_weights") if config.get(k)})
     best = max(range(len(h)), key=lambda i: h[i]["val_top1"]) if h else None
     return {
-        "name": run.job.name, **run.job.tags, "status": run.status, "message": run.message,
+        "name": run.job.name, **getattr(run.job, "tags", {}), "status": run.status, "message": run.message,
         "epochs": run.job.config.epochs, "epochs_run": len(h),
         "last_top1": run.top1(), "best_top1": run.top1(best + 1) if h else None,
         "best_epoch": best + 1 if h else None, "last_train_acc": run.train_acc(),
@@ -144,7 +153,13 @@ def relative(path: str | os.PathLike, root: str | os.PathLike) -> str:
     return Path(os.path.relpath(Path(path).resolve(), Path(root).resolve())).as_posix()
 
 
-def _failure_kind(message: str) -> str | None:
+def command_line(script: str, argv: Sequence[str], root: str | os.PathLike) -> str:
+    """``python SCRIPT ARGS`` as a report shows it: every absolute path relative to ``root``."""
+    words = [relative(a, root) if os.path.isabs(a) else a for a in argv]
+    return " ".join(["python", script, *words])
+
+
+def failure_kind(message: str) -> str | None:
     """``collapsed`` / ``diverged`` for a setting's own failures, None for anything else."""
     if "network collapsed" in message:
         return "collapsed"
@@ -153,14 +168,13 @@ def _failure_kind(message: str) -> str | None:
     return None
 
 
-def execute(config: Any, path: Path, threads: int = 1, parallel: int = 1) -> dict[str, Any]:
+def execute(config: TrainConfig, path: Path, threads: int = 1, parallel: int = 1) -> dict[str, Any]:
     """Train (or resume) one run into ``path``; returns and records how it ended.
 
     A collapse or a divergence is recorded as the run's outcome; any other error is
     raised and nothing is recorded, so a later call retries.
     """
     from .run import RUN_FILE
-    from .training import checkpoint, train
     from .training.distributed import resolve_device
     from .training.loop import METRICS_FILE
 
@@ -179,7 +193,7 @@ def execute(config: Any, path: Path, threads: int = 1, parallel: int = 1) -> dic
         train(config, path, resume=resume, on_epoch_end=on_epoch_end)
         outcome: dict[str, Any] = {"status": "finished", "message": None}
     except RSDError as e:
-        kind = _failure_kind(str(e))
+        kind = failure_kind(str(e))
         if kind is None:
             raise
         outcome = {"status": kind, "message": str(e)}
@@ -202,16 +216,14 @@ class Study:
             runs = read_json(ledger).get("runs", [])
             self.ledger = {r["name"]: r for r in runs if isinstance(r, dict) and r.get("status") in DONE}
 
-    def path(self, job: Job) -> Path:
+    def path(self, job: JobLike) -> Path:
         return self.work_dir / "runs" / job.name
 
-    def load(self, job: Job, ledger: bool = True) -> Run:
+    def load(self, job: JobLike, ledger: bool = True) -> Run:
         """The run of ``job`` as this machine's folder, else the ledger, has it.
 
         RSDError when the folder holds a run trained with other settings (never a silent mix).
         """
-        from .training import checkpoint
-
         path = self.path(job)
         outcome = read_json(path / OUTCOME_FILE) if (path / OUTCOME_FILE).exists() else {}
         if outcome.get("status") in FAILED or checkpoint.exists(path):
@@ -227,16 +239,16 @@ class Study:
             return Run(job, entry["status"], entry.get("history", []), entry.get("message"), entry.get("machine"))
         return Run(job, "pending", [], path=None)
 
-    def _check_same_settings(self, job: Job, saved: dict[str, Any], path: Path) -> None:
+    def _check_same_settings(self, job: JobLike, saved: dict[str, Any], path: Path) -> None:
         from .training.loop import RESUMABLE_CHANGES
 
-        defaults = type(job.config)().to_json()  # a key an older run lacks had its default
+        defaults = TrainConfig().to_json()  # a key an older run lacks had its default
         for key, value in job.config.to_json().items():
             if key not in RESUMABLE_CHANGES and saved.get(key, defaults.get(key)) != value:
                 raise RSDError(f"{path} was trained with {key} = {saved.get(key)!r}, this study asks for "
                                f"{value!r}: use another work folder (or delete that run)")
 
-    def busy(self, job: Job) -> bool:
+    def busy(self, job: JobLike) -> bool:
         """Whether another process holds the run folder's writer lock (it is training that run)."""
         path = self.path(job)
         if not path.is_dir():
@@ -247,17 +259,21 @@ class Study:
         except RSDError:
             return True
 
-    def run(self, jobs: Sequence[Job], on_done: Callable[[Job], None] | None = None,
+    def run(self, jobs: Sequence[JobLike], on_done: Callable[[JobLike], None] | None = None,
             ledger: bool = True) -> list[str]:
         """Train the jobs not yet done, in the order given; returns the names of runs that failed.
 
         ``on_done(job)`` is called after each run ends. ``ledger=False`` retrains runs this
         machine lacks even when the ledger has them (their files are needed, e.g. weights).
+        A run that fails other than by collapsing or diverging is logged and named in the
+        result; the others go on.
         """
         todo = list({j.name: j for j in jobs if self.load(j, ledger).status not in DONE}.values())
-        failed: list[str] = []
         for i, job in enumerate(todo, 1):
             log.info(f"[{i}/{len(todo)}] {job.name}: {job.config.method}, {job.config.epochs} epochs")
+        if self.parallel == 1:
+            return self._run_here(todo, on_done, ledger)
+        failed: list[str] = []
         running: dict[str, tuple[Job, subprocess.Popen, Path]] = {}
         try:
             while todo or running:
@@ -284,7 +300,23 @@ class Study:
                 proc.wait()
         return failed
 
-    def _spawn(self, job: Job) -> tuple[subprocess.Popen, Path]:
+    def _run_here(self, todo: list[JobLike], on_done: Callable[[JobLike], None] | None, ledger: bool) -> list[str]:
+        failed = []
+        for job in todo:
+            if self.load(job, ledger).status in DONE or self.busy(job):
+                log.info(f"{job.name}: done or being trained by another process; skipped")
+                continue
+            try:
+                execute(job.config, self.path(job), self.threads, self.parallel)
+            except RSDError as e:
+                log.error(f"run {job.name} failed: {e}")
+                failed.append(job.name)
+                continue
+            if on_done is not None:
+                on_done(job)
+        return failed
+
+    def _spawn(self, job: JobLike) -> tuple[subprocess.Popen, Path]:
         spec = {"config": job.config.to_json(), "run_dir": str(self.path(job)),
                 "threads": self.threads, "parallel": self.parallel}
         job_file, log_file = self.work_dir / "jobs" / f"{job.name}.json", self.work_dir / "logs" / f"{job.name}.log"
@@ -300,8 +332,6 @@ class Study:
 
 def job_main(job_file: str) -> int:
     """Entry of a study's child process: train the run ``job_file`` describes."""
-    from .training import TrainConfig
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     spec = read_json(job_file)
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rsd_deploy import study
 from rsd_deploy.errors import RSDError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def test_sweep_choice_final_and_report(acc, tmp_path, monkeypatch):
             "--train-samples", "128", "--lrs", "0.01,0.05", "--warmups", "0,1", "--seeds", "0,1",
             "--workers", "0", "--work-dir", str(work), "--out-dir", str(out), "--out-name", "tiny"]
 
-    real_train, calls = acc.train, []
+    real_train, calls = study.train, []
 
     def train(config, run_dir, **kw):  # one sweep setting collapses, as RSD at a high lr does
         calls.append(run_dir)
@@ -58,7 +59,7 @@ def test_sweep_choice_final_and_report(acc, tmp_path, monkeypatch):
                            "training stopped")
         return real_train(config, run_dir, **kw)
 
-    monkeypatch.setattr(acc, "train", train)
+    monkeypatch.setattr(study, "train", train)
     assert acc.main(argv) == 0
     assert len(calls) == 8 + 2  # 8 sweep runs; per method one final seed is its sweep run
 
@@ -120,9 +121,9 @@ def test_milestones_scale_with_the_epochs(acc):
 
 
 def test_failure_kinds(acc):
-    assert acc.failure_kind("the network collapsed in epoch 3: ...") == "collapsed"
-    assert acc.failure_kind("non-finite loss (nan) at epoch 1, step 2") == "diverged"
-    assert acc.failure_kind("digits not found") is None  # other errors stop the benchmark
+    assert study.failure_kind("the network collapsed in epoch 3: ...") == "collapsed"
+    assert study.failure_kind("non-finite loss (nan) at epoch 1, step 2") == "diverged"
+    assert study.failure_kind("digits not found") is None  # other errors stop the benchmark
 
 
 def test_methods_split_the_training_not_the_report(acc, tmp_path, monkeypatch):
@@ -134,8 +135,8 @@ def test_methods_split_the_training_not_the_report(acc, tmp_path, monkeypatch):
             "--train-samples", "64", "--lrs", "0.01", "--warmups", "0", "--seeds", "0", "--stage", "sweep",
             "--workers", "0", "--work-dir", str(work), "--out-dir", str(out), "--out-name", "split"]
     trained = []
-    real_train = acc.train
-    monkeypatch.setattr(acc, "train", lambda config, run_dir, **kw: trained.append(config.method)
+    real_train = study.train
+    monkeypatch.setattr(study, "train", lambda config, run_dir, **kw: trained.append(config.method)
                         or real_train(config, run_dir, **kw))
     assert acc.main(argv + ["--methods", "baseline"]) == 0 and trained == ["baseline"]
     r = json.loads((out / "accuracy_split.json").read_text())
@@ -156,7 +157,7 @@ def test_a_run_another_process_trains_is_skipped(acc, tmp_path, monkeypatch):
             "--train-samples", "64", "--lrs", "0.01", "--warmups", "0", "--stage", "sweep", "--workers", "0",
             "--work-dir", str(work), "--out-dir", str(tmp_path / "out"), "--out-name", "busy"]
     trained = []
-    monkeypatch.setattr(acc, "train", lambda config, run_dir, **kw: trained.append(config.method))
+    monkeypatch.setattr(study, "train", lambda config, run_dir, **kw: trained.append(config.method))
     held = work / "runs" / "rsd_lr0.01_wu0_s0_px8_e1_n64"
     held.mkdir(parents=True)
     with DirLock(held, "run"):  # as a second benchmark process training that run would
