@@ -1,0 +1,200 @@
+"""rsd_deploy.study: train once, resume, ledger of committed results, one writer per run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rsd_deploy import study as study_module
+from rsd_deploy.errors import RSDError
+from rsd_deploy.io import DirLock, write_json
+from rsd_deploy.study import Job, Study, command_line, mean_std, record, relative
+from rsd_deploy.training import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"model": "resnet20", "data": "digits", "input_size": 8, "train_samples": 64, "batch_size": 32,
+        "epochs": 1, "precise_bn": 1, "workers": 0, "device": "cpu"}
+
+
+def _job(name: str, **changes) -> Job:
+    return Job(name, TrainConfig.from_dict({**TINY, **changes}).validate(), {"group": "t", "seed": 0})
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The runs trained in this process, by folder name (training still happens)."""
+    seen, real = [], study_module.train
+
+    def train(config, run_dir, **kw):
+        seen.append(Path(run_dir).name)
+        return real(config, run_dir, **kw)
+
+    monkeypatch.setattr(study_module, "train", train)
+    threads = torch.get_num_threads()
+    yield seen
+    torch.set_num_threads(threads)
+
+
+def test_runs_are_trained_once_and_read_back(tmp_path, calls):
+    jobs = [_job("base", method="baseline"), _job("rsd")]
+    s = Study(tmp_path / "work")
+    assert [s.load(j).status for j in jobs] == ["pending", "pending"]
+    assert s.run(jobs) == [] and calls == ["base", "rsd"]
+    runs = [s.load(j) for j in jobs]
+    assert [r.status for r in runs] == ["finished", "finished"]
+    assert all(len(r.history) == 1 and 0 <= r.top1() <= 100 for r in runs)
+    assert runs[0].machine["threads"] == 1 and runs[0].machine["device"] == "cpu"
+    assert s.run(jobs) == [] and calls == ["base", "rsd"]  # nothing left to do
+    # More epochs of the same run resume it: only the new epoch is trained.
+    longer = _job("rsd", epochs=2)
+    assert s.load(longer).status == "partial"
+    s.run([longer])
+    assert calls[-1] == "rsd" and len(s.load(longer).history) == 2
+
+
+def test_a_folder_trained_otherwise_is_refused(tmp_path, calls):
+    s = Study(tmp_path)
+    s.run([_job("x", method="baseline")])
+    with pytest.raises(RSDError, match="was trained with lr = 0.05"):
+        s.load(_job("x", method="baseline", lr=0.1))
+
+
+def test_the_ledger_counts_committed_runs_as_done(tmp_path, calls):
+    job = _job("base", method="baseline")
+    first = Study(tmp_path / "a")
+    first.run([job])
+    ledger = tmp_path / "results.json"
+    write_json(ledger, {"runs": [record(first.load(job), tmp_path)]})
+    entry = json.loads(ledger.read_text())["runs"][0]
+    assert entry["group"] == "t" and entry["config"]["lr"] == 0.05 and entry["history"][0]["epoch"] == 1
+    # Another machine: an empty work folder, the committed results.
+    other = Study(tmp_path / "b", ledger=ledger)
+    run = other.load(job)
+    assert run.status == "finished" and run.top1() == first.load(job).top1() and run.path is None
+    assert other.run([job]) == [] and calls == ["base"]
+    # Where the location differs only (the data folder, workers), the entry still matches ...
+    assert other.load(_job("base", method="baseline", workers=2)).status == "finished"
+    # ... but not a setting that shapes the result, nor with the ledger set aside (files needed).
+    assert other.load(_job("base", method="baseline", weight_decay=1e-3)).status == "pending"
+    assert other.load(job, ledger=False).status == "pending"
+    other.run([job], ledger=False)
+    assert calls == ["base", "base"] and other.load(job, ledger=False).status == "finished"
+
+
+def test_a_run_another_process_trains_is_left_to_it(tmp_path, calls):
+    job = _job("held")
+    s = Study(tmp_path)
+    s.path(job).mkdir(parents=True)
+    with DirLock(s.path(job), "run"):
+        assert s.busy(job)
+        assert s.run([job]) == [] and calls == []
+    assert not s.busy(job)
+
+
+def test_a_collapse_is_recorded_and_other_failures_are_retried(tmp_path, monkeypatch):
+    def collapse(config, run_dir, **kw):
+        raise RSDError("the network collapsed in epoch 2: training accuracy 10.0% ...")
+
+    monkeypatch.setattr(study_module, "train", collapse)
+    s = Study(tmp_path)
+    assert s.run([_job("c")]) == []
+    run = s.load(_job("c"))
+    assert run.status == "collapsed" and "collapsed" in run.message
+
+    monkeypatch.setattr(study_module, "train", lambda *a, **k: (_ for _ in ()).throw(RSDError("no data")))
+    assert s.run([_job("d")]) == ["d"] and s.load(_job("d")).status == "pending"
+
+
+@pytest.mark.slow
+def test_parallel_runs_train_in_processes_of_their_own(tmp_path):
+    jobs = [_job("a", method="baseline"), _job("b", method="baseline", seed=1),
+            _job("bad", method="baseline", data="imagefolder", data_dir=str(tmp_path / "none"))]
+    s = Study(tmp_path / "work", parallel=2)
+    ended = []
+    assert s.run(jobs, on_done=lambda j: ended.append(j.name)) == ["bad"]
+    assert sorted(ended) == ["a", "b"]
+    assert [s.load(j).status for j in jobs] == ["finished", "finished", "pending"]
+    assert "has no train/ folder" in (tmp_path / "work" / "logs" / "bad.log").read_text()
+    # The two seeds are two runs, and each is what one process trains alone.
+    assert s.load(jobs[0]).history[0]["loss"] != s.load(jobs[1]).history[0]["loss"]
+
+
+def test_summaries_and_paths():
+    ms = mean_std([1.0, None, 3.0])
+    assert (ms["mean"], ms["n"], ms["values"]) == (2.0, 2, [1.0, 3.0]) and ms["std"] == pytest.approx(2 ** 0.5)
+    assert mean_std([4.0])["std"] is None and mean_std([])["mean"] is None
+    assert relative(ROOT / "train" / "x.json", ROOT) == "train/x.json"
+    assert relative(ROOT.parent / "shared" / "data", ROOT) == "../shared/data"
+    assert command_line("benchmarks/b.py", ["--work-dir", str(ROOT / "runs"), "--seeds", "0,1"], ROOT) == (
+        "python benchmarks/b.py --work-dir runs --seeds 0,1")
+
+
+# benchmarks/data_efficiency.py ------------------------------------------------------------
+
+
+@pytest.fixture
+def de():
+    spec = importlib.util.spec_from_file_location("data_efficiency_bench", ROOT / "benchmarks" / "data_efficiency.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_data_efficiency_smoke_pilot_map_and_report(de, tmp_path, calls):
+    out = tmp_path / "out"
+    argv = ["--smoke", "--groups", "pilot,map,ablation", "--seeds", "0", "--work-dir", str(tmp_path / "work"),
+            "--out-dir", str(out), "--out-name", "de"]
+    assert de.main(argv) == 0
+    r = json.loads((out / "de.json").read_text())
+    # The pilot: the baseline at 1 and 2 epochs per size (seed 0), then a budget per size.
+    pilot = {x["name"] for x in r["runs"] if x["group"] in ("pilot", "map") and x["method"] == "baseline"}
+    assert pilot == {f"baseline_n{n}_e{e}_s0" for n in (64, 128) for e in (1, 2)}
+    budgets = {n: c["epochs"] for n, c in r["summary"]["epochs"].items()}
+    assert set(budgets) == {"64", "128"} and all(e in (1, 2) for e in budgets.values())
+    for n, c in r["summary"]["epochs"].items():
+        gain = c["steps"][0]["gain"]
+        top1 = {x["epochs"]: x["last_top1"] for x in r["runs"] if x["size"] == int(n) and x["method"] == "baseline"
+                and x["variant"] is None}
+        assert gain == pytest.approx(top1[2] - top1[1])
+        assert c["epochs"] == (1 if gain < de.CONVERGED_GAIN else 2)
+    # The map: both methods at every size, at its budget; RSD - baseline from the same seed.
+    for row in r["summary"]["map"]:
+        assert row["baseline"]["n"] == row["rsd"]["n"] == 1
+        assert row["diff"]["mean"] == pytest.approx(row["rsd"]["mean"] - row["baseline"]["mean"])
+    # The ablations: every variant once, each a change of the RSD config and nothing else.
+    abl = [x for x in r["runs"] if x["group"] == "ablation"]
+    assert {x["variant"] for x in abl} == set(de.ABLATIONS)
+    paper = next(x for x in r["runs"] if x["group"] == "map" and x["method"] == "rsd" and x["size"] == 64)
+    for x in abl:
+        changed = {k for k in x["config"] if x["config"][k] != paper["config"][k]}
+        assert changed == set(de.ABLATIONS[x["variant"]]), x["variant"]
+    assert not r["complete"] and r["pending"]  # fair, dial, finetune, map32 not trained
+    md = (out / "de.md").read_text()
+    assert "## Regime map" in md and "Provisional" in md and (out / "de.png").stat().st_size > 1000
+    assert "/tmp" not in json.dumps(r["runs"][0]["config"])  # paths relative to the repository
+    # Everything recorded: a second call trains nothing; the results alone (another machine) suffice.
+    trained = len(calls)
+    assert de.main(argv) == 0 and len(calls) == trained
+    assert de.main(argv[:-4] + ["--work-dir", str(tmp_path / "empty"), "--out-dir", str(out),
+                                "--out-name", "de"]) == 0
+    assert len(calls) == trained
+
+
+def test_data_efficiency_refuses_bad_options(de, capsys):
+    assert de.main(["--groups", "map,nope"]) == 1
+    assert de.main(["--fair-sizes", "123"]) == 1
+    assert de.main(["--seeds", "-1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("error: ") for line in err)
