@@ -45,6 +45,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,10 +87,38 @@ FAIR: dict[str, dict[str, Any]] = {
     "wallclock": {},  # epochs x WALL_CLOCK_RATIO
 }
 DIAL = (1, 2)
-DEFAULT_SIZES = {"fair_sizes": [500, 1000], "ablation_size": 1000, "finetune_sizes": [1000, 10000],
-                 "map32_sizes": [1000, 5000]}
-SMOKE = {"sizes": (64, 128), "candidates": {64: (1, 2), 128: (1, 2)}, "model32": "resnet20",
-         "defaults": {"fair_sizes": [64], "ablation_size": 64, "finetune_sizes": [64], "map32_sizes": [64]}}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where a study runs: the data and input side (changes to the recipe), the sizes, the pilot's epochs."""
+
+    settings: dict[str, Any]
+    sizes: tuple[int, ...]
+    candidates: dict[int, tuple[int, ...]]
+    defaults: dict[str, Any]  #: the sizes of the fair baselines, ablations, fine-tune and resnet32 groups
+    model32: tuple[str, int] = ("resnet32", 32)  #: the map32 group's model and input side
+    smoke: bool = False
+
+
+PROFILES = {
+    # The CPU study: cifar10-mini's 10,000 training images at 16 px, one process per run.
+    "cifar10-mini": Profile({"input_size": 16, "workers": 0}, SIZES, EPOCH_CANDIDATES,
+                            {"fair_sizes": [500, 1000], "ablation_size": 1000, "finetune_sizes": [1000, 10000],
+                             "map32_sizes": [1000, 5000]}),
+    # A GPU: subsets of the full CIFAR-10 training split (torchvision's format at --data-dir) at 32 px.
+    "cifar10": Profile({"data": "cifar10", "input_size": 32, "workers": 4, "device": "auto"},
+                       (1000, 2500, 5000, 10000, 25000, 50000),
+                       {1000: (100, 200, 400), 2500: (100, 200, 400), 5000: (50, 100, 200),
+                        10000: (30, 60, 120), 25000: (30, 60, 120), 50000: (30, 60, 120)},
+                       {"fair_sizes": [1000, 2500], "ablation_size": 1000, "finetune_sizes": [1000, 50000],
+                        "map32_sizes": [1000, 5000]}),
+    # The code path on scikit-learn's digits in seconds; its figures mean nothing.
+    "smoke": Profile({"data": "digits", "data_dir": None, "input_size": 8, "batch_size": 16, "precise_bn": 2,
+                      "eval_batch_size": 64, "workers": 0}, (64, 128), {64: (1, 2), 128: (1, 2)},
+                     {"fair_sizes": [64], "ablation_size": 64, "finetune_sizes": [64], "map32_sizes": [64]},
+                     model32=("resnet20", 16), smoke=True),
+}
 
 log = logging.getLogger("data_efficiency")
 
@@ -117,12 +146,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--threads", type=int, default=1, help="torch threads per run [1]")
     a("--work-dir", type=Path, default=ROOT / "runs" / "data_efficiency", help="runs [runs/data_efficiency]")
     a("--out-dir", type=Path, default=HERE / "results", help="results [benchmarks/results]")
-    a("--out-name", default="data_efficiency", help="results are <name>.{json,md,png} [data_efficiency]")
+    a("--out-name", help="results are <name>.{json,md,png} [data_efficiency, data_efficiency_<profile>]")
     a("--report-only", action="store_true", help="rebuild the results from the runs and the ledger")
-    a("--smoke", action="store_true", help="digits at 8 px, sizes 64 and 128, 1-2 epochs: checks the code path")
+    a("--profile", choices=sorted(PROFILES), default="cifar10-mini",
+      help="cifar10-mini (the CPU study), cifar10 (a GPU; --data-dir: torchvision's CIFAR-10) or smoke "
+           "[cifar10-mini]")
+    a("--smoke", action="store_true", help="--profile smoke: digits at 8 px, sizes 64 and 128, 1-2 epochs")
+    a("--data-dir", help="the data set's folder [the recipe's: ../shared/data/cifar10-mini]")
+    a("--deadline-s", type=float, help="start no run after this many seconds and stop those running (they "
+                                       "resume next time)")
     args = p.parse_args(argv)
-    defaults = SMOKE["defaults"] if args.smoke else DEFAULT_SIZES
-    for name, value in defaults.items():
+    if args.smoke:
+        args.profile = "smoke"
+    args.smoke = PROFILES[args.profile].smoke
+    if args.out_name is None:
+        args.out_name = "data_efficiency" + ("" if args.profile == "cifar10-mini" else f"_{args.profile.replace('-', '_')}")
+    for name, value in PROFILES[args.profile].defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
@@ -146,21 +185,21 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def sizes_of(args: argparse.Namespace) -> tuple[int, ...]:
-    return SMOKE["sizes"] if args.smoke else SIZES
+    return PROFILES[args.profile].sizes
 
 
 def candidates_of(args: argparse.Namespace) -> dict[int, tuple[int, ...]]:
-    return SMOKE["candidates"] if args.smoke else EPOCH_CANDIDATES
+    return PROFILES[args.profile].candidates
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
-    """What every run shares: the recipe at 16 px, one data-loading process per run."""
-    base = TrainConfig.from_dict(load_recipe(RECIPE), str(RECIPE))
-    data_dir = str((ROOT / base.data_dir).resolve()) if base.data_dir else None  # any working directory
-    base = base.update({"input_size": 16, "workers": 0, "data_dir": data_dir})
-    if args.smoke:
-        base = base.update({"data": "digits", "data_dir": None, "input_size": 8, "batch_size": 16,
-                            "precise_bn": 2, "eval_batch_size": 64})
+    """What every run shares: the recipe with the profile's data and input side."""
+    base = TrainConfig.from_dict(load_recipe(RECIPE), str(RECIPE)).update(PROFILES[args.profile].settings)
+    data_dir = args.data_dir if args.data_dir is not None else (
+        str(ROOT / base.data_dir) if base.data_dir and base.data == "imagefolder" else None)
+    if base.data != "digits" and not data_dir:
+        raise RSDError(f"--profile {args.profile} needs --data-dir (torchvision's CIFAR-10 folder)")
+    base = base.update({"data_dir": str(Path(data_dir).resolve()) if data_dir else None})  # any working dir
     return base.validate()
 
 
@@ -228,8 +267,7 @@ def group_jobs(group: str, base: TrainConfig, args: argparse.Namespace,
                     e = epochs[n] * (WALL_CLOCK_RATIO if v == "wallclock" else 1)
                     out.append(job(base, "baseline", n, e, s, v, ch, group="fair"))
     elif group == "map32":
-        model = SMOKE["model32"] if args.smoke else "resnet32"
-        px = 2 * base.input_size
+        model, px = PROFILES[args.profile].model32
         out = [job(base, m, n, epochs[n], s, changes={"model": model, "input_size": px}, group="map32")
                for s in seeds for n in args.map32_sizes if n in sized for m in ("baseline", "rsd")]
     elif group == "finetune":
@@ -359,7 +397,7 @@ def build_result(args: argparse.Namespace, base: TrainConfig, runs: list[Run], c
 
     pending = [j.name for j in wanted if j.name not in {r.job.name for r in runs if r.status in DONE}]
     return {
-        "benchmark": "data_efficiency", "smoke": args.smoke, "data": base.data,
+        "benchmark": "data_efficiency", "profile": args.profile, "smoke": args.smoke, "data": base.data,
         "data_dir": relative(base.data_dir, ROOT) if base.data_dir else None, "model": base.model, "input_size": base.input_size,
         "recipe": relative(RECIPE, ROOT), "seeds": args.seeds, "sizes": list(sizes_of(args)),
         "epoch_candidates": {str(k): list(v) for k, v in candidates_of(args).items()},
@@ -367,6 +405,7 @@ def build_result(args: argparse.Namespace, base: TrainConfig, runs: list[Run], c
         "finetune_fraction": FINETUNE_FRACTION, "ablations": ABLATIONS, "fair": FAIR,
         "command": command_line("benchmarks/data_efficiency.py", sys.argv[1:], ROOT),
         "reporting_cpu": cpu_model(), "complete": not pending, "pending": pending,
+        "pending_by_group": {g: sum(j.name in pending and j.tags["group"] == g for j in wanted) for g in GROUPS},
         "summary": summarize(runs, args, choice),
         "runs": [record(r, ROOT) for r in runs if r.status != "pending"],
     }
@@ -480,8 +519,9 @@ def write_outputs(args: argparse.Namespace, base: TrainConfig, study: Study) -> 
 def train_study(args: argparse.Namespace, base: TrainConfig, study: Study) -> list[str]:
     """The pilot until every size has its budget, then the groups' runs seed by seed; the failed runs."""
     report = lambda _job: write_outputs(args, base, study)  # noqa: E731
+    deadline = None if args.deadline_s is None else time.time() + args.deadline_s
     failed: list[str] = []
-    while "pilot" in args.groups:  # the pilot adds runs as it learns
+    while "pilot" in args.groups and (deadline is None or time.time() < deadline):  # it adds runs as it learns
         todo = [j for j in pilot_jobs(base, args, study)[0] if study.load(j).status not in DONE
                 and j.name not in failed]
         if not todo:
@@ -489,14 +529,15 @@ def train_study(args: argparse.Namespace, base: TrainConfig, study: Study) -> li
         if all(study.busy(j) for j in todo):  # another process trains what the pilot waits for
             time.sleep(WAIT_S)
             continue
-        failed += study.run(todo, report)
+        failed += study.run(todo, report, deadline=deadline)
     epochs = {n: c["epochs"] for n, c in plan(args, base, study)[1].items()}
     jobs = [j for g in args.groups if g != "pilot" for j in group_jobs(g, base, args, epochs)]
     jobs.sort(key=lambda j: j.tags["seed"])  # seed by seed: one seed of everything comes first
     if "finetune" in args.groups:  # the sources' weights must be on this machine
         sources = {j.tags["source"] for j in jobs if j.tags["group"] == "finetune"}
-        failed += study.run([j for j in plan(args, base, study)[0] if j.name in sources], report, ledger=False)
-    return failed + study.run(jobs, report)
+        failed += study.run([j for j in plan(args, base, study)[0] if j.name in sources], report, ledger=False,
+                            deadline=deadline)
+    return failed + study.run(jobs, report, deadline=deadline)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,6 +26,13 @@ command stays under ``--total-s`` (default 500 s, so well under 9 minutes):
   reference, the convolution-only bound and plain conv+BN (``block_speed.py``), resnet32,
   batch 64, CUDA events.
 
+* ``regime_map`` (480 s; only when ``--sections`` names it): ``benchmarks/data_efficiency.py
+  --profile cifar10`` on the GPU: baseline and RSD at 32 px on subsets of the full CIFAR-10
+  training split (1,000 to 50,000 images; ``--cifar10-dir``, torchvision's format, which
+  must be on the machine), the epochs per size chosen by the study's pilot. It stops at its
+  budget and continues from ``benchmarks/results/data_efficiency_cifar10.json`` (copy
+  ``OUT/regime_map/data_efficiency_cifar10.json`` there and commit it between calls).
+
 Output in ``--out DIR``: ``evidence.json`` (every figure, the machine, the budgets,
 what ran), ``evidence.md`` (summary table), ``accuracy.{json,md}`` with
 ``accuracy_runs/*/metrics.jsonl``, ``cuda_tests.{xml,log}``, ``latency/<model>/`` (bench
@@ -40,7 +47,8 @@ it checks the code path, its figures mean nothing.
 
     python benchmarks/gpu_evidence.py --out gpu-evidence
     python benchmarks/gpu_evidence.py --out gpu-evidence --settings '{"lr": 0.02}' --seeds 0 1
-    python benchmarks/gpu_evidence.py --tiny --out /tmp/evidence     # CPU dry run of every section
+    python benchmarks/gpu_evidence.py --tiny --out /tmp/evidence     # CPU dry run of the default sections
+    python benchmarks/gpu_evidence.py --out gpu-evidence --sections regime_map --cifar10-dir ~/data
 """
 
 from __future__ import annotations
@@ -81,9 +89,12 @@ from rsd_deploy.training import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = ROOT / "benchmarks"
-SECTIONS = ("accuracy", "cuda_tests", "latency", "rsd_step")
-BUDGETS_S = {"accuracy": 280.0, "cuda_tests": 50.0, "latency": 90.0, "rsd_step": 50.0}
-TINY_BUDGETS_S = {"accuracy": 60.0, "cuda_tests": 40.0, "latency": 15.0, "rsd_step": 30.0}
+SECTIONS = ("accuracy", "cuda_tests", "latency", "rsd_step", "regime_map")
+DEFAULT_SECTIONS = SECTIONS[:4]  #: regime_map is a long study of its own: asked for by --sections
+BUDGETS_S = {"accuracy": 280.0, "cuda_tests": 50.0, "latency": 90.0, "rsd_step": 50.0, "regime_map": 480.0}
+TINY_BUDGETS_S = {"accuracy": 60.0, "cuda_tests": 40.0, "latency": 15.0, "rsd_step": 30.0, "regime_map": 60.0}
+#: A regime map's results, committed: a later call resumes from what they record.
+REGIME_LEDGER = HERE / "results" / "data_efficiency_cifar10.json"
 TOTAL_S = 500.0
 PROBE_EPOCHS = 2  #: the first epoch holds the start-up; the second times an epoch
 #: The probe's second epoch may run with fewer neighbours (the fast baseline runs done):
@@ -436,6 +447,48 @@ def _epoch_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Regime map ---------------------------------------------------------------------------------
+
+def section_regime_map(ctx: Context) -> dict[str, Any]:
+    """benchmarks/data_efficiency.py on the GPU: subsets of the full CIFAR-10 training split at 32 px.
+
+    The study runs until the section's deadline and resumes from the committed results
+    (``REGIME_LEDGER``) on the next call; its files go to ``OUT/regime_map/``.
+    """
+    args = ctx.args
+    de = _load_benchmark("data_efficiency")
+    out = ctx.out / "regime_map"
+    if ctx.tiny:  # the code path on digits
+        argv = ["--profile", "smoke", "--groups", "pilot,map", "--seeds", "0", "--parallel", "1"]
+        name = "data_efficiency_smoke"
+    else:
+        cifar = Path(args.cifar10_dir).expanduser().resolve() if args.cifar10_dir else None
+        if cifar is None or not (cifar / "cifar-10-batches-py").is_dir():
+            raise Skip(f"no CIFAR-10 in torchvision's format (cifar-10-batches-py/) at {cifar}: give --cifar10-dir "
+                       "(this machine has no network to download it)")
+        argv = ["--profile", "cifar10", "--data-dir", str(cifar), "--groups", args.regime_groups,
+                "--seeds", ",".join(map(str, args.seeds)), "--parallel", str(args.regime_parallel)]
+        name = "data_efficiency_cifar10"
+        if REGIME_LEDGER.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REGIME_LEDGER, out / REGIME_LEDGER.name)
+    left = ctx.deadline - time.time() - 10.0  # room to write the results
+    if de.main([*argv, "--work-dir", str(ctx.work / "regime_map"), "--out-dir", str(out),
+                "--deadline-s", f"{max(left, 1.0):.0f}"]) != 0:
+        raise RuntimeError(f"the study reported failed runs ({out}/{name}.md)")
+    r = json.loads((out / f"{name}.json").read_text())
+    rows = [{"size": x["size"], "epochs": x["epochs"], **{m: x[m]["mean"] for m in METHODS},
+             "n": [x[m]["n"] for m in METHODS]} for x in r["summary"]["map"]]
+    groups = argv[argv.index("--groups") + 1].split(",")
+    pending = sum(r["pending_by_group"][g] for g in groups)
+    result = {"profile": r["profile"], "groups": groups, "map": rows, "crossover": r["summary"]["crossover"]["text"],
+              "pending": pending, "runs_done": sum(x["status"] == "finished" for x in r["runs"])}
+    if not pending:
+        return {"status": "ok", "reason": None, "result": result}
+    return {"status": "partial", "reason": f"{pending} runs left: run the section again to continue "
+                                           f"(commit {name}.json to benchmarks/results/ first)", "result": result}
+
+
 # CUDA tests ---------------------------------------------------------------------------------
 
 def junit_counts(path: Path) -> dict[str, int]:
@@ -596,6 +649,10 @@ def _figures(name: str, s: dict[str, Any]) -> str:
             top1 = "n/a" if v["last_top1_mean"] is None else f"{v['last_top1_mean']:.2f}{spread}"
             parts.append(f"{m} {top1} ({v['epoch_time_median_s']} s/epoch)")
         return " ".join(parts)
+    if name == "regime_map":
+        cells = ", ".join(f"{x['size']}: " + "/".join("-" if x[m] is None else f"{x[m]:.1f}" for m in METHODS)
+                          for x in r["map"])
+        return f"baseline/RSD top-1 by train images: {cells}; {r['crossover']}; {r['pending']} runs left"
     if name == "cuda_tests":
         if "total" not in r:
             return r["summary_line"]
@@ -643,7 +700,7 @@ def _git_commit() -> str | None:
 
 RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "accuracy": section_accuracy, "cuda_tests": section_cuda_tests,
-    "latency": section_latency, "rsd_step": section_rsd_step,
+    "latency": section_latency, "rsd_step": section_rsd_step, "regime_map": section_regime_map,
 }
 
 
@@ -661,7 +718,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder for every figure")
     p.add_argument("--tiny", action="store_true", help="dry run on the CPU: tiny sizes, a few steps")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset, in this order")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated, in this order, of {', '.join(SECTIONS)} [{','.join(DEFAULT_SECTIONS)}]")
     p.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS",
                    help=f"override a section's budget (defaults {BUDGETS_S})")
     p.add_argument("--total-s", type=float, default=None, help=f"the whole command's budget [{TOTAL_S:g}]")
@@ -674,6 +732,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="accuracy: training settings, a JSON object or a file holding one; it replaces "
                         f"the default {json.dumps(DEFAULT_SETTINGS)}")
     p.add_argument("--work-dir", type=Path, default=None, help="where runs go [a temporary folder, removed]")
+    p.add_argument("--cifar10-dir", default=None,
+                   help="regime_map: the full CIFAR-10 in torchvision's format (cifar-10-batches-py/ inside)")
+    p.add_argument("--regime-groups", default="pilot,map",
+                   help="regime_map: data_efficiency.py's groups to train [pilot,map]")
+    p.add_argument("--regime-parallel", type=int, default=4, help="regime_map: runs at once on the GPU [4]")
     args = p.parse_args(argv)
     args.seeds = args.seeds or ([0] if args.tiny else [0, 1, 2])
     args.max_epochs = args.max_epochs or (3 if args.tiny else 100)

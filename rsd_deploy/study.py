@@ -260,23 +260,27 @@ class Study:
             return True
 
     def run(self, jobs: Sequence[JobLike], on_done: Callable[[JobLike], None] | None = None,
-            ledger: bool = True) -> list[str]:
+            ledger: bool = True, deadline: float | None = None) -> list[str]:
         """Train the jobs not yet done, in the order given; returns the names of runs that failed.
 
         ``on_done(job)`` is called after each run ends. ``ledger=False`` retrains runs this
         machine lacks even when the ledger has them (their files are needed, e.g. weights).
         A run that fails other than by collapsing or diverging is logged and named in the
-        result; the others go on.
+        result; the others go on. After ``deadline`` (a ``time.time()``) no run starts and
+        runs in processes of their own are stopped (each resumes from its last epoch).
         """
         todo = list({j.name: j for j in jobs if self.load(j, ledger).status not in DONE}.values())
         for i, job in enumerate(todo, 1):
             log.info(f"[{i}/{len(todo)}] {job.name}: {job.config.method}, {job.config.epochs} epochs")
         if self.parallel == 1:
-            return self._run_here(todo, on_done, ledger)
+            return self._run_here(todo, on_done, ledger, deadline)
         failed: list[str] = []
         running: dict[str, tuple[Job, subprocess.Popen, Path]] = {}
         try:
             while todo or running:
+                if deadline is not None and time.time() > deadline:
+                    log.info(f"deadline: {len(running)} run(s) stopped, {len(todo)} not started")
+                    break
                 while todo and len(running) < self.parallel:
                     job = todo.pop(0)
                     if self.load(job, ledger).status in DONE or self.busy(job):
@@ -300,9 +304,12 @@ class Study:
                 proc.wait()
         return failed
 
-    def _run_here(self, todo: list[JobLike], on_done: Callable[[JobLike], None] | None, ledger: bool) -> list[str]:
+    def _run_here(self, todo: list[JobLike], on_done: Callable[[JobLike], None] | None, ledger: bool,
+                  deadline: float | None) -> list[str]:
         failed = []
         for job in todo:
+            if deadline is not None and time.time() > deadline:
+                break
             if self.load(job, ledger).status in DONE or self.busy(job):
                 log.info(f"{job.name}: done or being trained by another process; skipped")
                 continue

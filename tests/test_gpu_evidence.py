@@ -156,3 +156,25 @@ def test_bad_settings_fail_before_anything_runs(tmp_path):
     assert proc.returncode == 2
     assert "unknown key 'clip_grad_nrom'" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_tiny_regime_map_runs_the_data_efficiency_study(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out), "--sections", "regime_map"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    section = json.loads((out / "evidence.json").read_text())["sections"]["regime_map"]
+    assert section["status"] == "ok", section
+    r = section["result"]
+    assert r["profile"] == "smoke" and r["pending"] == 0 and r["runs_done"] >= 6  # 4 pilot runs, 2 RSD
+    assert [x["size"] for x in r["map"]] == [64, 128] and all(x["n"] == [1, 1] for x in r["map"])
+    assert (out / "regime_map" / "data_efficiency_smoke.md").is_file()
+    assert "| regime_map | ok |" in (out / "evidence.md").read_text()
+    # Without the full CIFAR-10 on the machine a real run skips, saying where it looked.
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "gpu"), "--sections", "regime_map",
+                           "--cifar10-dir", str(tmp_path / "nowhere")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    section = json.loads((tmp_path / "gpu" / "evidence.json").read_text())["sections"]["regime_map"]
+    assert proc.returncode == 0 and section["status"] == "skipped", section
