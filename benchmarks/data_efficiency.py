@@ -516,6 +516,11 @@ def write_outputs(args: argparse.Namespace, base: TrainConfig, study: Study) -> 
     return result
 
 
+def cost(config: TrainConfig) -> float:
+    """Relative cost of a run, for ordering: images x epochs x pixels, an RSD step about 8 plain ones."""
+    return config.train_samples * config.epochs * config.input_size ** 2 * (8 if config.method == "rsd" else 1)
+
+
 def train_study(args: argparse.Namespace, base: TrainConfig, study: Study) -> list[str]:
     """The pilot until every size has its budget, then the groups' runs seed by seed; the failed runs."""
     report = lambda _job: write_outputs(args, base, study)  # noqa: E731
@@ -532,7 +537,7 @@ def train_study(args: argparse.Namespace, base: TrainConfig, study: Study) -> li
         failed += study.run(todo, report, deadline=deadline)
     epochs = {n: c["epochs"] for n, c in plan(args, base, study)[1].items()}
     jobs = [j for g in args.groups if g != "pilot" for j in group_jobs(g, base, args, epochs)]
-    jobs.sort(key=lambda j: j.tags["seed"])  # seed by seed: one seed of everything comes first
+    jobs.sort(key=lambda j: (j.tags["seed"], cost(j.config)))  # one seed of everything first, cheap runs first
     if "finetune" in args.groups:  # the sources' weights must be on this machine
         sources = {j.tags["source"] for j in jobs if j.tags["group"] == "finetune"}
         failed += study.run([j for j in plan(args, base, study)[0] if j.name in sources], report, ledger=False,
