@@ -496,10 +496,7 @@ def plan(args: argparse.Namespace, base: TrainConfig, study: Study) -> tuple[lis
     jobs, choice = pilot_jobs(base, args, study)
     epochs = {n: c["epochs"] for n, c in choice.items()}
     for g in GROUPS[1:]:
-        try:
-            jobs += group_jobs(g, base, args, epochs)
-        except RSDError as e:  # TEMPORARY: options not built yet
-            log.warning(f"group {g}: {e}")
+        jobs += group_jobs(g, base, args, epochs)
     return jobs, choice
 
 

@@ -344,6 +344,9 @@ def _csv(kind):
               help="Loss terms switched on (ablations).")
 @click.option("--detach-teacher/--no-detach-teacher", default=_TRAIN.detach_teacher, show_default=True,
               help="Stop gradients through the KL targets.")
+@click.option("--kxk-branches", type=int, default=_TRAIN.kxk_branches, show_default=True,
+              help="KxK branches per restructured block, 1-3 (each also has a Kx1 and a 1xK branch): 3 is the "
+                   "paper's, 1 an ACNet-like block that costs less per step.")
 @click.option("--label-smoothing", type=float, default=_TRAIN.label_smoothing, show_default=True,
               help="Label smoothing of every cross-entropy term, RSD's and the baseline's, in [0, 1).")
 @click.option("--device", type=click.Choice(DEVICES), default=_TRAIN.device, show_default=True)

@@ -207,6 +207,27 @@ def restructure(
     return out, report
 
 
+def with_square_branches(model: nn.Module, num_square: int) -> nn.Module:
+    """``model`` with every :class:`RSDConv` rebuilt with ``num_square`` KxK branches (fresh weights).
+
+    The Kx1 and 1xK branches stay; 1 gives an ACNet-like block, 3 is the paper's. Each block
+    keeps its geometry, its BN's eps and momentum, and its mode. Returns ``model``, changed in place.
+    """
+    if num_square < 1:
+        raise RSDError(f"num_square must be >= 1 (got {num_square})")
+    for name, block in [(n, m) for n, m in model.named_modules() if isinstance(m, RSDConv)]:
+        if block.num_square == num_square:
+            continue
+        new = RSDConv(block.in_channels, block.out_channels, block.kernel_size[0], 1, block.groups,
+                      num_square=num_square, bn=block.bn is not None, drop_rate=block.drop_rate)
+        new.stride = block.stride
+        if block.bn is not None:
+            new.bn.eps, new.bn.momentum = block.bn.eps, block.bn.momentum
+        new = new.to(device=block.weight_square.device, dtype=block.weight_square.dtype).train(block.training)
+        model.set_submodule(name, new)
+    return model
+
+
 @torch.no_grad()
 def load_equivalent(rsd: nn.Module, plain: nn.Module) -> nn.Module:
     """Start ``rsd`` (a zoo model's RSD form) computing exactly what ``plain`` (its plain form) does.

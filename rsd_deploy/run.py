@@ -43,6 +43,7 @@ from .data import DataInfo, is_count, is_names, is_numbers, is_size
 from .errors import RSDError
 from .io import json_text, load_tensors, read_json, save_tensors, sha256_file, write_json
 from .models import external
+from .restructure import with_square_branches
 from .schema import Rule, fields_json, from_mapping
 
 WEIGHTS_FILE = "model.safetensors"
@@ -67,10 +68,14 @@ class SourceKind(NamedTuple):
     mix_points: Callable[[str, nn.Module, int], list[str] | None]
 
 
-def _zoo_create(name: str, *, restructured: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
-    if restructured is not None:
-        raise RSDError(f"zoo model {name!r} has its own RSD form; it is not restructured")
-    return models.create(name, **kwargs)
+def _zoo_create(name: str, *, form: str, restructured: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
+    """A zoo model; its RSD form is native, and ``restructured`` may only say how many KxK branches."""
+    options = dict(restructured or {})
+    num_square = options.pop("num_square", 3)
+    if options:
+        raise RSDError(f"zoo model {name!r} has its own RSD form; it is not restructured ({', '.join(options)})")
+    model = models.create(name, form=form, **kwargs)
+    return with_square_branches(model, num_square) if form == "rsd" and num_square != 3 else model
 
 
 #: Model sources by kind. A new kind is one entry here.
@@ -204,7 +209,8 @@ class RunInfo:
     source: Source | None = None  #: exports: the weights they were made from
     onnx: OnnxInfo | None = None
     tensorrt: TensorRTProfile | None = None
-    #: models restructured from another library: the restructuring (options, pairs, report)
+    #: models restructured from another library: the restructuring (options, pairs, report);
+    #: a zoo model's RSD form with other than 3 KxK branches per block: ``{"num_square": k}``
     restructure: dict[str, Any] | None = None
     version: int = SCHEMA_VERSION
 

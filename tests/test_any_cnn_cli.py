@@ -135,3 +135,22 @@ def test_inspect_lists_every_conv_and_both_forms():
     assert result.exit_code == 0 and "default mix points: stem, stages.0, stages.1, stages.2" in result.output
     _one_line_error(_run("inspect", "torchvision:resnet18", "--input-size", "0"), "--input-size")
     _one_line_error(_run("inspect", "bogus:x"), "unknown model source 'bogus'")
+
+
+def test_one_kxk_branch_restructures_a_torchvision_model_and_rebuilds_from_its_record():
+    from rsd_deploy.blocks import RSDConv
+    from rsd_deploy.data import load_datasets
+    from rsd_deploy.fuse import fuse_model
+    from rsd_deploy.models.external import create
+
+    _, _, info = load_datasets("digits", input_size=16)
+    config = TrainConfig(model="torchvision:resnet18", kxk_branches=1).validate()
+    model, record = _build_model(config, info, "rsd", say=False)
+    assert record["num_square"] == 1 and record["counts"]["converted"] == 16
+    assert all(m.num_square == 1 for m in model.modules() if isinstance(m, RSDConv))
+    again = create("torchvision", "resnet18", num_classes=10, in_channels=3, form="rsd", restructured=record)
+    assert [m.num_square for m in again.modules() if isinstance(m, RSDConv)] == [1] * 16
+    again.load_state_dict(model.state_dict())  # same tensors, same shapes
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fuse_model(model.eval())(x), model(x), rtol=1e-4, atol=1e-4)

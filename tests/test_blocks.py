@@ -70,6 +70,29 @@ def test_fast_block_equals_per_branch_reference(cin, cout, k, stride, groups, bn
     torch.testing.assert_close(fast(x), ref(x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("num_square", [1, 2])
+def test_fewer_kxk_branches_equal_the_per_branch_reference(num_square):
+    """Outputs and gradients of a block with 1 or 2 KxK branches, with branch drop, fp64."""
+    torch.manual_seed(0)
+    fast = RSDConv(8, 12, 3, 2, 1, num_square=num_square, drop_rate=0.4).double()
+    with torch.no_grad():
+        for p in fast.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    ref = ReferenceRSDConv(fast)
+    assert len(ref.bns) == num_square + 2
+    x = torch.randn(3, 8, 33, 17, dtype=torch.float64)
+    torch.manual_seed(7)
+    y_fast = fast(x)
+    torch.manual_seed(7)
+    y_ref = ref(x)
+    torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-10)
+    y_fast.square().mean().backward()
+    y_ref.square().mean().backward()
+    ref_grads = dict(ref.named_parameters())
+    for name, g in fast_param_grads(fast).items():
+        torch.testing.assert_close(g, ref_grads[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
 def test_whole_model_equals_reference_in_training():
     torch.manual_seed(0)
     model = create("resnet20", num_classes=10).double().train()

@@ -51,6 +51,18 @@ def test_block_fusion_is_exact(cin, cout, k, stride, groups, bn, dtype, rel, bat
     assert conv.kernel_size == (k, k) and conv.stride == (stride, stride) and conv.groups == groups
 
 
+@pytest.mark.parametrize("num_square", [1, 2, 3])
+@pytest.mark.parametrize("groups,bn", [(1, True), (4, True), (1, False)])
+def test_block_fusion_is_exact_for_every_kxk_branch_count(num_square, groups, bn):
+    """The cost dial (--kxk-branches): the block still fuses exactly, with the parameters it should have."""
+    torch.manual_seed(0)
+    block = randomize_bn(RSDConv(8, 16, 3, 2, groups, num_square=num_square, bn=bn)).double()
+    per_branch = 16 * (8 // groups)
+    expected = per_branch * (9 * num_square + 3 + 3) + (num_square + 2) * 16 * (2 if bn else 1)
+    assert sum(p.numel() for p in block.parameters()) == expected
+    assert_fused_matches(block, torch.randn(2, 8, 33, 17, dtype=torch.float64), 1e-9)
+
+
 @pytest.mark.parametrize("k,stride", [(1, 1), (3, 2), (7, 2)])
 def test_conv_bn_fusion_is_exact(k, stride):
     torch.manual_seed(0)

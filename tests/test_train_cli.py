@@ -152,6 +152,8 @@ def test_amp_on_a_cpu_without_bfloat16_is_a_one_line_error(tmp_path, monkeypatch
     (["--alpha", "0", "--beta", "0"], ["--alpha and --beta cannot both be 0"]),
     (["--momentum", "1.5"], ["--momentum must be in [0, 1)"]),
     (["--drop-rate", "1"], ["--drop-rate must be in [0, 1)"]),
+    (["--kxk-branches", "0"], ["--kxk-branches must be 1, 2 or 3 (got 0)"]),
+    (["--kxk-branches", "4"], ["--kxk-branches must be 1, 2 or 3 (got 4)"]),
     (["--label-smoothing", "1"], ["--label-smoothing must be in [0, 1) (got 1.0)"]),
     (["--label-smoothing", "-0.1"], ["--label-smoothing must be in [0, 1)"]),
     (["--label-smoothing", "nan"], ["--label-smoothing must be a finite number"]),
@@ -336,3 +338,32 @@ def test_a_baseline_run_starts_an_equivalent_rsd_run(tmp_path):
         _one_line_error(_run("train", *tiny, "--model", model, "--init-weights", str(bad), "--out", str(out)),
                         "--init-weights", f"does not match {model}")
         assert not out.exists()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_fewer_kxk_branches_train_fuse_and_export(tmp_path, k):
+    """--kxk-branches: the run records it, rebuilds with it, fuses exactly and passes the ONNX audit."""
+    import torch
+
+    from rsd_deploy.blocks import RSDConv
+    from rsd_deploy.fuse import fuse_model
+    from rsd_deploy.run import load_run
+
+    run = tmp_path / "run"
+    result = _run("train", *TINY, "--epochs", "1", "--precise-bn", "1", "--kxk-branches", str(k), "--out", str(run))
+    assert result.exit_code == 0, result.output
+    info = json.loads((run / "run.json").read_text())
+    assert info["config"]["kxk_branches"] == k and info["restructure"] == {"num_square": k}
+    model, _ = load_run(run)
+    blocks = [m for m in model.modules() if isinstance(m, RSDConv)]
+    assert len(blocks) == 19 and all(b.num_square == k and b.weight_square.shape[0] == k for b in blocks)
+    paper = models.create("resnet20", num_classes=10, form="rsd")
+    fewer = sum(p.numel() for p in paper.parameters()) - sum(p.numel() for p in model.parameters())
+    assert fewer == sum((3 - k) * (b.weight_square[0].numel() + 2 * b.out_channels) for b in blocks)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fuse_model(model)(x), model(x), rtol=1e-4, atol=1e-5)
+    result = _run("fuse-export", str(run), "--onnx", "--keep-unfused")
+    assert result.exit_code == 0, result.output
+    report = json.loads((run / "deploy" / "report.json").read_text())
+    assert report["audit"]["passed"]

@@ -24,6 +24,7 @@ from .rsd import LOSS_TERMS, RSDObjective
 METHODS = ("rsd", "baseline")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("step", "cosine")
+KXK_BRANCHES = (1, 2, 3)
 
 
 @dataclass
@@ -76,6 +77,9 @@ class TrainConfig:
     mixture: bool = True
     loss_terms: list[str] = field(default_factory=lambda: list(LOSS_TERMS))
     detach_teacher: bool = False
+    #: KxK conv-BN branches per restructured block (each also has one Kx1 and one 1xK):
+    #: 3 is the paper's, 1 an ACNet-like block; fewer branches cost less per step.
+    kxk_branches: int = 3
     #: Label smoothing of every cross-entropy term, RSD's and the baseline's (0: hard labels).
     label_smoothing: float = 0.0
     # Execution.
@@ -92,6 +96,8 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("schedule", self.schedule, SCHEDULES)
         check_values(self, _RANGES, option)
+        if self.kxk_branches not in KXK_BRANCHES:
+            raise RSDError(f"{option('kxk_branches')} must be 1, 2 or 3 (got {self.kxk_branches})")
         if self.alpha == 0 and self.beta == 0:
             raise RSDError(f"{option('alpha')} and {option('beta')} cannot both be 0 (the loss would be 0)")
         if self.input_size is not None:

@@ -400,19 +400,22 @@ def _build_model(config: TrainConfig, info: DataInfo, form: str, say: bool,
     source = config.source()
     init = config.init_weights is not None and not resume
     if source.kind == "zoo":
-        model = source.create(num_classes=info.num_classes, in_channels=info.in_channels, form=form)
+        # Its RSD form is native; only another branch count is recorded (the record rebuilds it).
+        record = {"num_square": config.kxk_branches} if form == "rsd" and config.kxk_branches != 3 else None
+        model = source.create(num_classes=info.num_classes, in_channels=info.in_channels, form=form,
+                              restructured=record)
         if init:  # the plain weights, then the RSD form started equivalent to them
             plain = source.create(num_classes=info.num_classes, in_channels=info.in_channels, form="plain")
             _load_init_weights(plain, Path(config.init_weights), source)
             model = plain if form == "plain" else load_equivalent(model, plain)
-        return model, None
+        return model, record
     plain = source.create(num_classes=info.num_classes, in_channels=info.in_channels, form="plain")
     deploy_form(str(source), plain)
     if init:
         _load_init_weights(plain, Path(config.init_weights), source)
     if form == "plain":
         return plain, None
-    model, report = restructure(plain, equivalent_init=config.init_weights is not None)
+    model, report = restructure(plain, num_square=config.kxk_branches, equivalent_init=config.init_weights is not None)
     if say:
         log.info(f"{source}: {report.summary()}")
     if not report.converted:
