@@ -457,7 +457,8 @@ def to_markdown(r: dict[str, Any]) -> str:
               "| size | baseline (source) | + baseline | + RSD | RSD from scratch |", "|---|---|---|---|---|"]
     lines += [f"| {x['size']} | {_fmt(x['source'])} | {_fmt(x['plus_baseline'])} | {_fmt(x['plus_rsd'])} | "
               f"{_fmt(x['rsd_full'])} |" for x in s["finetune"]]
-    lines += ["", "## resnet32 at 32 px", "", "| size | baseline | RSD |", "|---|---|---|"]
+    model, px = PROFILES[r["profile"]].model32
+    lines += ["", f"## {model} at {px} px", "", "| size | baseline | RSD |", "|---|---|---|"]
     lines += [f"| {x['size']} | {_fmt(x['baseline'])} | {_fmt(x['rsd'])} |" for x in s["map32"]]
     return "\n".join(lines) + "\n"
 
