@@ -37,17 +37,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from rsd_deploy.bench.report import cpu_model
 from rsd_deploy.complexity import count_macs
 from rsd_deploy.io import atomic_path, write_json
-from rsd_deploy.restructure import restructure
+from rsd_deploy.restructure import restructure, with_square_branches
 from rsd_deploy.run import ModelSource
 from rsd_deploy.training import CEStep, MixDraw, RSDStep
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def make_step(model_name: str, method: str, num_classes: int, x: torch.Tensor, y: torch.Tensor):
+def make_step(model_name: str, method: str, num_classes: int, x: torch.Tensor, y: torch.Tensor,
+              kxk_branches: int = 3):
     """The model and a closure running one optimizer step; RSD steps take the mix point.
 
-    The model and the mixture's permutation live on ``x``'s device.
+    The model and the mixture's permutation live on ``x``'s device; ``kxk_branches`` is the
+    RSD form's KxK branches per block (``--kxk-branches`` of train).
     """
     torch.manual_seed(0)
     source = ModelSource.from_json(model_name)
@@ -55,10 +57,11 @@ def make_step(model_name: str, method: str, num_classes: int, x: torch.Tensor, y
     if method != "rsd":
         model, step = plain, CEStep(plain)
     elif source.kind == "zoo":
-        model = source.create(num_classes=num_classes, in_channels=3, form="rsd")
+        model = with_square_branches(source.create(num_classes=num_classes, in_channels=3, form="rsd"),
+                                     kxk_branches)
         step = RSDStep(model)
     else:  # restructured, mixed at the family's default points
-        model, _ = restructure(plain)
+        model, _ = restructure(plain, num_square=kxk_branches)
         step = RSDStep(model, mix_points=source.default_mix_points(model, x.shape[-1]))
     model = model.train().to(x.device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -111,7 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="also record the RSD step's top operators")
     p.add_argument("--name", default="rsd_step_speed", help="result file stem")
+    p.add_argument("--kxk-branches", default="3",
+                   help="KxK branches per block, or a list timed side by side (e.g. 1,2,3: the cost dial) [3]")
     args = p.parse_args(argv)
+    counts = [int(k) for k in args.kxk_branches.split(",") if k.strip()]
+    if not counts or any(k not in (1, 2, 3) for k in counts) or len(set(counts)) != len(counts):
+        print(f"error: --kxk-branches takes distinct values of 1, 2, 3 (got {args.kxk_branches!r})", file=sys.stderr)
+        return 2
+    if len(counts) > 1:
+        return dial(args, counts)
 
     torch.set_num_threads(args.threads)
     zoo = ModelSource.from_json(args.model).kind == "zoo"
@@ -120,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch_size, 3, s, s, generator=g)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g)
     plain_model, plain = make_step(args.model, "baseline", args.num_classes, x, y)
-    rsd_model, rsd = make_step(args.model, "rsd", args.num_classes, x, y)
+    rsd_model, rsd = make_step(args.model, "rsd", args.num_classes, x, y, counts[0])
     names = rsd.step.mix_points
     points = list(range(len(names)))
     flops_plain = step_flops(plain)
@@ -144,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     macs_plain = count_macs(plain_model, (3, s, s))
     macs_rsd = count_macs(rsd_model, (3, s, s))
     result = {
-        "benchmark": "rsd_step_speed", "model": args.model, "batch_size": args.batch_size,
+        "benchmark": "rsd_step_speed", "model": args.model, "kxk_branches": counts[0], "batch_size": args.batch_size,
         "input_size": s, "num_classes": args.num_classes, "threads": torch.get_num_threads(),
         "repeats": args.repeats,
         "plain_step_s": {"median": round(med_plain, 4), "all": [round(t, 4) for t in t_plain]},
@@ -194,6 +205,57 @@ def main(argv: list[str] | None = None) -> int:
         md += ["", "Where the RSD step's time goes (self CPU time, one step at each mix point):", "",
                "| operator | share | ms/step |", "|---|---|---|"]
         md += [f"| {o['op']} | {100 * o['share']:.1f}% | {o['ms_per_step']} |" for o in result["rsd_top_ops"]]
+    with atomic_path(RESULTS / f"{args.name}.md") as tmp:
+        tmp.write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+def dial(args: argparse.Namespace, counts: list[int]) -> int:
+    """The RSD step at each KxK-branch count against the plain step, all in the same interleaved rounds."""
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    s = args.input_size
+    x = torch.randn(args.batch_size, 3, s, s, generator=g)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), generator=g)
+    _, plain = make_step(args.model, "baseline", args.num_classes, x, y)
+    steps = {k: make_step(args.model, "rsd", args.num_classes, x, y, k)[1] for k in counts}
+    points = list(range(len(steps[counts[0]].step.mix_points)))
+    flops_plain = step_flops(plain)
+    flops = {k: statistics.mean(step_flops(steps[k], q) for q in points) for k in counts}
+    for _ in range(args.warmup):
+        plain()
+        for k in counts:
+            for q in points:
+                steps[k](q)
+    t_plain, t = [], {k: {q: [] for q in points} for k in counts}
+    for i in range(args.repeats):
+        t_plain.append(timed(plain))
+        for k in counts:
+            for q in points:
+                t[k][q].append(timed(lambda k=k, q=q: steps[k](q)))
+        print(f"  {i + 1}/{args.repeats}: plain {t_plain[-1]:.3f}s  " + "  ".join(
+            f"k={k} {statistics.mean(t[k][q][-1] for q in points):.3f}s" for k in counts), flush=True)
+    med_plain = statistics.median(t_plain)
+    rows = {str(k): {"expected_s": round(statistics.mean(statistics.median(t[k][q]) for q in points), 4),
+                     "gflops": round(flops[k] / 1e9, 2), "flop_ratio": round(flops[k] / flops_plain, 2)} for k in counts}
+    for r in rows.values():
+        r["ratio"] = round(r["expected_s"] / med_plain, 2)
+    result = {"benchmark": "rsd_step_speed_dial", "model": args.model, "batch_size": args.batch_size,
+              "input_size": s, "num_classes": args.num_classes, "threads": torch.get_num_threads(),
+              "repeats": args.repeats, "plain_step_s": round(med_plain, 4), "by_kxk_branches": rows,
+              "machine": f"{cpu_model()} ({platform.machine()})", "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / f"{args.name}.json", result)
+    md = [f"# RSD step by KxK branches per block: {args.model}, batch {args.batch_size}, {s}x{s}, "
+          f"{result['threads']} threads", "",
+          "| step | expected s (uniform mix point) | x plain | GFLOP (fwd+bwd) | x plain |", "|---|---:|---:|---:|---:|",
+          f"| plain conv+BN (CE) | {med_plain:.3f} | 1.00 | {flops_plain / 1e9:.1f} | 1.00 |"]
+    md += [f"| RSD, {k} KxK branch{'es' if k > 1 else ''} | {r['expected_s']:.3f} | {r['ratio']:.2f} | "
+           f"{r['gflops']:.1f} | {r['flop_ratio']:.2f} |" for k, r in ((int(k), r) for k, r in rows.items())]
+    md += ["", f"{args.repeats} interleaved rounds after {args.warmup} warm-up steps, every mix point each round; "
+           f"recorded {result['date']} on {result['machine']}, torch {torch.__version__}."]
     with atomic_path(RESULTS / f"{args.name}.md") as tmp:
         tmp.write_text("\n".join(md) + "\n")
     print("\n".join(md))
