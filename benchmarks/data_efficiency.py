@@ -42,6 +42,7 @@ import argparse
 import logging
 import math
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -391,14 +392,35 @@ def finetune_rows(runs: Sequence[Run], args: argparse.Namespace, map_rows: list[
     return out
 
 
+def remaining_hours(runs: Sequence[Run], pending: Sequence[str]) -> float | None:
+    """Training time the pending runs still need (hours of one core, evaluation not counted).
+
+    From the finished runs' median seconds per image, epoch and pixel, per method; None
+    before a run of each method has finished.
+    """
+    rate: dict[str, list[float]] = {}
+    for r in runs:
+        c = r.job.config
+        if r.status == "finished" and r.history:
+            rate.setdefault(c.method, []).append(r.epoch_time() / (c.train_samples * c.input_size ** 2))
+    todo = [r for r in runs if r.job.name in pending]
+    if any(r.job.config.method not in rate for r in todo):
+        return None
+    seconds = sum((r.job.config.epochs - len(r.history)) * r.job.config.train_samples * r.job.config.input_size ** 2
+                  * statistics.median(rate[r.job.config.method]) for r in todo)
+    return seconds / 3600
+
+
 def build_result(args: argparse.Namespace, base: TrainConfig, runs: list[Run], choice: dict[int, dict],
                  wanted: list[Job]) -> dict[str, Any]:
     from rsd_deploy.bench.report import cpu_model
 
     pending = [j.name for j in wanted if j.name not in {r.job.name for r in runs if r.status in DONE}]
     return {
+        "remaining_core_hours": remaining_hours(runs, pending),
         "benchmark": "data_efficiency", "profile": args.profile, "smoke": args.smoke, "data": base.data,
-        "data_dir": relative(base.data_dir, ROOT) if base.data_dir else None, "model": base.model, "input_size": base.input_size,
+        "data_dir": relative(base.data_dir, ROOT) if base.data_dir else None, "model": base.model,
+        "input_size": base.input_size,
         "recipe": relative(RECIPE, ROOT), "seeds": args.seeds, "sizes": list(sizes_of(args)),
         "epoch_candidates": {str(k): list(v) for k, v in candidates_of(args).items()},
         "converged_gain": CONVERGED_GAIN, "wall_clock_ratio": WALL_CLOCK_RATIO,
@@ -413,17 +435,20 @@ def build_result(args: argparse.Namespace, base: TrainConfig, runs: list[Run], c
 
 def to_markdown(r: dict[str, Any]) -> str:
     s = r["summary"]
-    lines = [f"# Where RSD earns its cost: {r['model']} at {r['input_size']} px, {r['data']}", ""]
+    data = Path(r["data_dir"]).name if r["data"] == "imagefolder" and r["data_dir"] else r["data"]
+    lines = [f"# Where RSD earns its cost: {r['model']} at {r['input_size']} px, {data}", ""]
     if r["smoke"]:
         lines += ["**Smoke run: tiny sizes and epochs; the figures mean nothing.**", ""]
     if not r["complete"]:
-        lines += [f"**Provisional**: {len(r['pending'])} runs not finished yet; every figure is over the "
-                  "seeds finished so far (n in each cell).", ""]
-    cpus = sorted({(x.get("machine") or {}).get("cpu") or "?" for x in r["runs"]})
+        left = r["remaining_core_hours"]
+        lines += [f"**Provisional**: {len(r['pending'])} runs not finished yet"
+                  + (f" (about {left:.0f} core-hours of training left at the speeds measured so far)" if left else "")
+                  + "; every figure is over the seeds finished so far (n in each cell).", ""]
+    cpus = sorted({x["machine"]["cpu"] for x in r["runs"] if x.get("machine")})
     lines += [f"Recipe `{r['recipe']}` (the library's defaults: SGD lr 0.05, cosine, 1 warm-up epoch, "
               "clipping 5, precise BN 20) at 16 px, one thread per run; evenly spread subsets of the training "
               "split (the same images for every seed), the full validation split. "
-              f"Figures: last-epoch validation top-1, mean ± std over seeds. CPUs: {', '.join(cpus)}.", "",
+              f"Figures: last-epoch validation top-1, mean ± std over seeds. CPUs: {', '.join(cpus) or '-'}.", "",
               f"Command: `{r['command']}`", "", "## Epoch budget per size (pilot: the baseline, seed 0)", "",
               "| size | epochs | why | doublings tried (gain in points) |", "|---|---|---|---|"]
     for n, c in s["epochs"].items():
