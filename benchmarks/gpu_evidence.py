@@ -85,6 +85,7 @@ from rsd_deploy.bench.report import machine_info  # noqa: E402
 from rsd_deploy.errors import RSDError  # noqa: E402
 from rsd_deploy.io import atomic_path, write_json  # noqa: E402
 from rsd_deploy.run import save_run  # noqa: E402
+from rsd_deploy.study import mean_std, read_history  # noqa: E402
 from rsd_deploy.training import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,7 +277,7 @@ class Runs:
                     reports[name] = {"start": launched, "epoch_ends": [], "status": status}
                 else:
                     continue
-                reports[name].update(launched=launched, history=_history(Path(outs[name])))
+                reports[name].update(launched=launched, history=read_history(Path(outs[name])))
         return reports
 
     def send(self, jobs: dict[str, tuple[dict[str, Any], str] | None]) -> None:
@@ -301,11 +302,6 @@ def epoch_walls(report: dict[str, Any]) -> list[float]:
     return [b - a for a, b in pairwise(ends)]
 
 
-def _history(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def _run_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
@@ -317,12 +313,11 @@ def _summarize(histories: dict[str, dict[int, list[dict[str, Any]]]]) -> dict[st
         last = {s: 100 * h[-1]["val_top1"] for s, h in by_seed.items() if h}
         best = [100 * max(e["val_top1"] for e in h) for h in by_seed.values() if h]
         epochs = [e for h in by_seed.values() for e in h]
-        values = list(last.values())
+        top1 = mean_std(last.values())
         out[method] = {
             "last_top1_per_seed": {str(s): v for s, v in sorted(last.items())},
-            "last_top1_mean": statistics.fmean(values) if values else None,
-            "last_top1_std": statistics.stdev(values) if len(values) > 1 else None,
-            "best_top1_mean": statistics.fmean(best) if best else None,
+            "last_top1_mean": top1["mean"], "last_top1_std": top1["std"],
+            "best_top1_mean": mean_std(best)["mean"],
             "epoch_time_median_s": statistics.median(e["epoch_time"] for e in epochs) if epochs else None,
             "images_per_sec_median": statistics.median(e["images_per_sec"] for e in epochs) if epochs else None,
         }
