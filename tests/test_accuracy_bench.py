@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
+from helpers import benchmark_module
 from rsd_deploy import study
 from rsd_deploy.errors import RSDError
 
@@ -21,16 +19,8 @@ COLLAPSED = {"method": "rsd", "lr": 0.05, "warmup_epochs": 0.0}  # made to colla
 
 @pytest.fixture
 def acc():
-    spec = importlib.util.spec_from_file_location("accuracy_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    threads = torch.get_num_threads()
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("accuracy") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        torch.set_num_threads(threads)  # main() sets 1 thread
 
 
 def _history(work: Path, name: str) -> list[dict]:

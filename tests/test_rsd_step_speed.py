@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from helpers import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def speed():
-    spec = importlib.util.spec_from_file_location("rsd_step_speed_bench", ROOT / "benchmarks" / "rsd_step_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    threads = torch.get_num_threads()
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("rsd_step_speed") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        torch.set_num_threads(threads)
 
 
 def test_the_dial_times_every_branch_count_against_the_plain_step(speed, tmp_path):

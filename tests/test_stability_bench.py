@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from helpers import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "stability.py"
@@ -16,16 +15,8 @@ SCRIPT = ROOT / "benchmarks" / "stability.py"
 
 @pytest.fixture
 def stab():
-    spec = importlib.util.spec_from_file_location("stability_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    threads = torch.get_num_threads()
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("stability") as module:
         yield module
-    finally:
-        torch.set_num_threads(threads)
-        sys.modules.pop(spec.name, None)
 
 
 def test_rsd_logits_run_away_at_the_papers_lr_and_the_record_is_compact(stab, tmp_path):

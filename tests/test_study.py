@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import benchmark_module
 from rsd_deploy import study as study_module
 from rsd_deploy.errors import RSDError
 from rsd_deploy.io import DirLock, write_json
@@ -139,16 +138,8 @@ def test_summaries_and_paths():
 
 @pytest.fixture
 def de():
-    spec = importlib.util.spec_from_file_location("data_efficiency_bench", ROOT / "benchmarks" / "data_efficiency.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    threads = torch.get_num_threads()
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("data_efficiency") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@
   BatchNorm statistics, and exports it with ``rsd_deploy.export.fuse_export`` (what
   ``rsd-deploy fuse-export`` runs) into ``RUN_DIR/deploy``: the bench tests' runs.
 - :func:`on_log` calls a function with every progress message the library logs.
+- :func:`benchmark_module` imports a script of ``benchmarks/`` for a test.
 """
 
 from __future__ import annotations
@@ -55,6 +56,23 @@ def on_log(fn: Callable[[str], None]) -> Iterator[None]:
     finally:
         logger.removeHandler(hook)
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str) -> Iterator[Any]:
+    """``benchmarks/NAME.py`` imported as a module (they are scripts), torch's thread count restored after."""
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    threads = torch.get_num_threads()
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+        torch.set_num_threads(threads)  # the scripts set their own
 
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
