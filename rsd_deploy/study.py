@@ -235,7 +235,8 @@ class Study:
                 status = "finished" if done else "partial"
             return Run(job, status, read_history(path), outcome.get("message"), outcome.get("machine"), path)
         entry = self.ledger.get(job.name) if ledger else None
-        if entry is not None and _comparable(entry.get("config", {})) == _comparable(job.config.to_json()):
+        recorded = {**TrainConfig().to_json(), **(entry or {}).get("config", {})}  # an older entry: defaults
+        if entry is not None and _comparable(recorded) == _comparable(job.config.to_json()):
             return Run(job, entry["status"], entry.get("history", []), entry.get("message"), entry.get("machine"))
         return Run(job, "pending", [], path=None)
 

@@ -76,6 +76,11 @@ def test_the_ledger_counts_committed_runs_as_done(tmp_path, calls):
     run = other.load(job)
     assert run.status == "finished" and run.top1() == first.load(job).top1() and run.path is None
     assert other.run([job]) == [] and calls == ["base"]
+    # An entry written before a setting existed counts as that setting's default.
+    older = json.loads(ledger.read_text())
+    del older["runs"][0]["config"]["kxk_branches"]
+    write_json(tmp_path / "older.json", older)
+    assert Study(tmp_path / "c", ledger=tmp_path / "older.json").load(job).status == "finished"
     # Where the location differs only (the data folder, workers), the entry still matches ...
     assert other.load(_job("base", method="baseline", workers=2)).status == "finished"
     # ... but not a setting that shapes the result, nor with the ledger set aside (files needed).
