@@ -64,7 +64,7 @@ GROUPS = ("pilot", "map", "ablation", "fair", "dial", "finetune", "map32")
 SIZES = (500, 1000, 2500, 5000, 10000)
 #: Epoch counts the pilot tries per size, in order (at least 100 for the small sizes).
 EPOCH_CANDIDATES = {500: (100, 200, 400), 1000: (100, 200, 400), 2500: (100, 200, 400),
-                    5000: (50, 100, 200), 10000: (30, 60, 120)}
+                    5000: (50, 100, 200, 400), 10000: (30, 60, 120, 240)}
 CONVERGED_GAIN = 1.0  #: points of top-1 that doubling the epochs must stay under
 WALL_CLOCK_RATIO = 8  #: RSD's epoch costs about this many baseline epochs (measured: see the report)
 FINETUNE_FRACTION = 0.25

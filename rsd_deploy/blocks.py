@@ -322,8 +322,9 @@ class RSDConv(Reparameterizable):
             ]
         square, vertical, horizontal = outputs
         c = self.out_channels
-        if self.groups == 1:  # the stacked KxK branches are channel blocks
-            return self._sum_branches([*square.split(c, dim=1), vertical, horizontal], mask)
+        if self.groups == 1:  # the stacked KxK branches are channel blocks (one: nothing to split)
+            squares = square.split(c, dim=1) if self.num_square > 1 else [square]
+            return self._sum_branches([*squares, vertical, horizontal], mask)
         # Grouped: the stacked output is ordered (group, branch, channel), so the branches
         # are slices of a (group, branch, channel) view; sum them there and return the
         # input's layout.

@@ -34,8 +34,13 @@ CASES = [
                          ids=["nchw", "channels_last"])
 def test_fast_block_equals_per_branch_reference(cin, cout, k, stride, groups, bn, drop, memory_format):
     """Outputs, every parameter's gradient and BN running statistics, over training steps, fp64."""
+    _assert_equals_reference(cin, cout, k, stride, groups, bn, drop, memory_format)
+
+
+def _assert_equals_reference(cin, cout, k, stride, groups, bn, drop, memory_format, num_square=3):
+    """The fast block against :class:`ReferenceRSDConv` over three SGD steps and in eval, fp64."""
     torch.manual_seed(0)
-    fast = RSDConv(cin, cout, k, stride, groups, bn=bn, drop_rate=drop).double()
+    fast = RSDConv(cin, cout, k, stride, groups, num_square=num_square, bn=bn, drop_rate=drop).double()
     with torch.no_grad():  # non-trivial starting point for every parameter
         for p in fast.parameters():
             p.add_(torch.randn_like(p) * 0.3)
@@ -71,26 +76,15 @@ def test_fast_block_equals_per_branch_reference(cin, cout, k, stride, groups, bn
 
 
 @pytest.mark.parametrize("num_square", [1, 2])
-def test_fewer_kxk_branches_equal_the_per_branch_reference(num_square):
-    """Outputs and gradients of a block with 1 or 2 KxK branches, with branch drop, fp64."""
-    torch.manual_seed(0)
-    fast = RSDConv(8, 12, 3, 2, 1, num_square=num_square, drop_rate=0.4).double()
-    with torch.no_grad():
-        for p in fast.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    ref = ReferenceRSDConv(fast)
-    assert len(ref.bns) == num_square + 2
-    x = torch.randn(3, 8, 33, 17, dtype=torch.float64)
-    torch.manual_seed(7)
-    y_fast = fast(x)
-    torch.manual_seed(7)
-    y_ref = ref(x)
-    torch.testing.assert_close(y_fast, y_ref, rtol=1e-10, atol=1e-10)
-    y_fast.square().mean().backward()
-    y_ref.square().mean().backward()
-    ref_grads = dict(ref.named_parameters())
-    for name, g in fast_param_grads(fast).items():
-        torch.testing.assert_close(g, ref_grads[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+@pytest.mark.parametrize("cin,cout,k,stride,groups,bn", [CASES[1], CASES[4], CASES[6], CASES[8]])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "channels_last"])
+def test_fewer_kxk_branches_equal_the_per_branch_reference(num_square, cin, cout, k, stride, groups, bn,
+                                                           memory_format):
+    """--kxk-branches 1 and 2: outputs, gradients and running statistics with branch drop, fp64
+    (grouped, depthwise and BN-less blocks too: the fused BN op and the eval sum take any count)."""
+    assert len(ReferenceRSDConv(RSDConv(cin, cout, k, stride, groups, num_square=num_square)).convs) == num_square + 2
+    _assert_equals_reference(cin, cout, k, stride, groups, bn, 0.4, memory_format, num_square)
 
 
 def test_whole_model_equals_reference_in_training():

@@ -89,6 +89,33 @@ def test_restructure_fuses_back_to_the_original_architecture(model, tmp_path):
     assert hist["Conv"] == convs and "BatchNormalization" not in hist
 
 
+@pytest.mark.parametrize("model", ["torchvision:resnet18", "torchvision:mobilenet_v2"])
+def test_one_kxk_branch_restructures_fuses_and_starts_equivalent(model, tmp_path):
+    """--kxk-branches 1 (ACNet-like blocks) on a library model, depthwise convs included: the
+    report records it, every block has one KxK branch, fusion is exact, the graph is the original's."""
+    plain = randomize_bn(_plain(model)).eval()
+    rsd, report = restructure(plain, num_square=1)
+    paper, _ = restructure(plain)
+    assert report.to_json()["num_square"] == 1 and len(report.converted) == COUNTS[model][1]
+    blocks = [m for m in rsd.modules() if isinstance(m, RSDConv)]
+    assert len(blocks) == COUNTS[model][1] and all(b.weight_square.shape[0] == 1 for b in blocks)
+    fewer = sum(p.numel() for p in paper.parameters()) - sum(p.numel() for p in rsd.parameters())
+    assert fewer == sum(2 * (b.weight_square[0].numel() + 2 * b.out_channels) for b in blocks)
+    randomize_bn(rsd).eval()
+    x = torch.randn(2, 3, SIDE, SIDE, dtype=torch.float64)
+    fused = fuse_model(rsd.double())
+    with torch.no_grad():
+        assert _rel(fused(x), rsd(x)) <= 1e-9
+    fuse_model(plain).load_state_dict(fused.state_dict(), strict=True)
+    export_onnx(fused.float(), tmp_path / "fused.onnx", input_shape=(3, SIDE, SIDE))
+    export_onnx(fuse_model(plain), tmp_path / "plain.onnx", input_shape=(3, SIDE, SIDE))
+    result = audit(op_histogram(tmp_path / "fused.onnx"), op_histogram(tmp_path / "plain.onnx"))
+    assert result["passed"] and result["identical"], result["difference"]
+    start, _ = restructure(plain.double(), num_square=1, equivalent_init=True)
+    with torch.no_grad():
+        assert _rel(start.eval()(x), plain(x)) <= 1e-12
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_one_rsd_step_at_each_default_mix_point(model):
     rsd, _ = restructure(_plain(model))

@@ -125,6 +125,26 @@ def test_version_2_files_read_as_version_3():
     assert RunInfo.from_json(data) == info and RunInfo.from_json(data).version == 3
 
 
+def test_a_zoo_records_kxk_branches_rebuild_its_rsd_form(tmp_path):
+    """``"restructure": {"num_square": k}`` (train --kxk-branches k) rebuilds k KxK branches per
+    block; without it (every run recorded before the option) the paper's 3; other keys are refused."""
+    from rsd_deploy.blocks import RSDConv
+
+    def squares(info: RunInfo, form: str = "rsd") -> list[int]:
+        return sorted({m.num_square for m in info.build_model(form).modules() if isinstance(m, RSDConv)})
+
+    info = untrained_info("resnet20").replace(form="rsd")
+    assert info.restructure is None and squares(info) == [3]
+    for k in (1, 2):
+        one = info.replace(restructure={"num_square": k})
+        assert squares(one) == [k] and squares(one, "plain") == squares(one, "deploy") == []
+        saved = save_run(tmp_path / str(k), one.build_model(), one)
+        model, again = load_run(tmp_path / str(k))
+        assert again == saved and sorted({m.num_square for m in model.modules() if isinstance(m, RSDConv)}) == [k]
+    with pytest.raises(RSDError, match="it is not restructured \\(pairs\\)"):
+        info.replace(restructure={"num_square": 1, "pairs": []}).build_model()
+
+
 def test_version_1_normalization_and_classes_from_the_data_entry():
     data = {"model": "resnet20", "form": "rsd", "num_classes": 2, "in_channels": 3, "input_size": [8, 8],
             "data": {"name": "digits", "dir": None, "classes": ["a", "b"], "input_size": [8, 8],

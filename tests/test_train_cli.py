@@ -154,6 +154,7 @@ def test_amp_on_a_cpu_without_bfloat16_is_a_one_line_error(tmp_path, monkeypatch
     (["--drop-rate", "1"], ["--drop-rate must be in [0, 1)"]),
     (["--kxk-branches", "0"], ["--kxk-branches must be 1, 2 or 3 (got 0)"]),
     (["--kxk-branches", "4"], ["--kxk-branches must be 1, 2 or 3 (got 4)"]),
+    (["--kxk-branches", "-1"], ["--kxk-branches must be 1, 2 or 3 (got -1)"]),
     (["--label-smoothing", "1"], ["--label-smoothing must be in [0, 1) (got 1.0)"]),
     (["--label-smoothing", "-0.1"], ["--label-smoothing must be in [0, 1)"]),
     (["--label-smoothing", "nan"], ["--label-smoothing must be a finite number"]),
@@ -173,6 +174,17 @@ def test_nonsense_numbers_are_refused_before_any_work(args, needles, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("value", [0, 4, -1, 2.0, 2.5, True, "2", None])
+def test_kxk_branches_other_than_1_2_3_is_one_line_in_the_api_and_in_recipes(value):
+    """Not 2.0 nor True either (they equal 2 and 1): a branch count is an integer."""
+    with pytest.raises(RSDError, match=r"^`kxk_branches` must be 1, 2 or 3 \(got ") as err:
+        TrainConfig(kxk_branches=value).validate()
+    assert "\n" not in str(err.value)
+    with pytest.raises(RSDError, match="kxk_branches"):
+        TrainConfig.from_dict({"kxk-branches": value}, "recipe.json").validate()
+    assert [TrainConfig(kxk_branches=k).validate().kxk_branches for k in (1, 2, 3)] == [1, 2, 3]
+
+
 def test_unwritable_out_is_an_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -185,6 +197,7 @@ def test_existing_run_needs_resume(tmp_path):
     assert _run("train", "--method", "baseline", "--epochs", "1", *TINY, "--out", str(out)).exit_code == 0
     _one_line_error(_run("train", *TINY, "--out", str(out)), "already holds a run", "--resume")
     _one_line_error(_run("train", "--resume", "--out", str(out), "--lr", "1.0"), "cannot change lr")
+    _one_line_error(_run("train", "--resume", "--out", str(out), "--kxk-branches", "1"), "cannot change kxk_branches")
     _one_line_error(_run("train", "--resume", "--out", str(out)), "already trained 1 epochs")
     result = _run("train", "--resume", "--out", str(out), "--epochs", "2", "--quiet")
     assert result.exit_code == 0, result.output
@@ -366,4 +379,10 @@ def test_fewer_kxk_branches_train_fuse_and_export(tmp_path, k):
     result = _run("fuse-export", str(run), "--onnx", "--keep-unfused")
     assert result.exit_code == 0, result.output
     report = json.loads((run / "deploy" / "report.json").read_text())
-    assert report["audit"]["passed"]
+    audit = report["audit"]
+    assert audit["passed"] and audit["identical"] and audit["fused"]["Conv"] == 21
+    # Unfused, each block keeps three convs (stacked KxK, Kx1, 1xK) with their BNs and k + 1 Adds
+    # over its k + 2 branches; the stacked KxK output is split only when it holds several branches.
+    assert audit["unfused"]["Conv"] == 3 * 19 + 2 and audit["unfused"]["BatchNormalization"] == 3 * 19
+    assert audit["unfused"]["Add"] == 9 + (k + 1) * 19
+    assert audit["unfused"].get("Split", 0) == (19 if k > 1 else 0)

@@ -273,6 +273,28 @@ def test_format_1_resume_state_still_resumes(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_recorded_before_kxk_branches_resumes_with_three(rsd_run, tmp_path):
+    """A resume state and run.json without the key read as the paper's 3 branches; changing it is refused."""
+    from rsd_deploy.blocks import RSDConv
+
+    run = tmp_path / "run"
+    shutil.copytree(rsd_run, run)
+    _edit_state(run, lambda state: state["config"].pop("kxk_branches"))
+    record = json.loads((run / "run.json").read_text())
+    del record["config"]["kxk_branches"]
+    assert "restructure" not in record
+    (run / "run.json").write_text(json.dumps(record))
+    assert [b.num_square for b in load_run(run)[0].modules() if isinstance(b, RSDConv)] == [3] * 19
+    with pytest.raises(RSDError, match="cannot change kxk_branches when resuming"):
+        loop.resume_config(run, {"kxk_branches": 1})
+    config = loop.resume_config(run, {"kxk_branches": 3, "epochs": 3})
+    assert config.kxk_branches == 3
+    train(config, run, resume=True)
+    record = json.loads((run / "run.json").read_text())
+    assert record["config"]["kxk_branches"] == 3 and "restructure" not in record
+    assert checkpoint.read_progress(run)[0] == 3
+
+
 def test_an_epoch_is_written_as_one_step(rsd_run, tmp_path, monkeypatch):
     """A failure while writing an epoch's files (here: the plot) changes none of them."""
     run = tmp_path / "run"

@@ -96,8 +96,8 @@ class TrainConfig:
         _choice("device", self.device, DEVICES)
         _choice("schedule", self.schedule, SCHEDULES)
         check_values(self, _RANGES, option)
-        if self.kxk_branches not in KXK_BRANCHES:
-            raise RSDError(f"{option('kxk_branches')} must be 1, 2 or 3 (got {self.kxk_branches})")
+        if type(self.kxk_branches) is not int or self.kxk_branches not in KXK_BRANCHES:  # not 2.0, not True
+            raise RSDError(f"{option('kxk_branches')} must be 1, 2 or 3 (got {self.kxk_branches!r})")
         if self.alpha == 0 and self.beta == 0:
             raise RSDError(f"{option('alpha')} and {option('beta')} cannot both be 0 (the loss would be 0)")
         if self.input_size is not None:
