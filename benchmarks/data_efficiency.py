@@ -68,7 +68,6 @@ EPOCH_CANDIDATES = {500: (100, 200, 400), 1000: (100, 200, 400), 2500: (100, 200
 CONVERGED_GAIN = 1.0  #: points of top-1 that doubling the epochs must stay under
 WALL_CLOCK_RATIO = 8  #: RSD's epoch costs about this many baseline epochs (measured: see the report)
 FINETUNE_FRACTION = 0.25
-WAIT_S = 30.0
 #: One change to RSD each. "ce_only" drops both KL terms (CE terms only, i.e. KL terms
 #: off); "two_ce" keeps CE(s) and CE(t) alone, with no mixture: the branches and the
 #: branch drop without any distillation.
@@ -154,8 +153,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
            "[cifar10-mini]")
     a("--smoke", action="store_true", help="--profile smoke: digits at 8 px, sizes 64 and 128, 1-2 epochs")
     a("--data-dir", help="the data set's folder [the recipe's: ../shared/data/cifar10-mini]")
-    a("--deadline-s", type=float, help="start no run after this many seconds and stop those running (they "
-                                       "resume next time)")
+    a("--deadline-s", type=float, help="start no run after this many seconds, nor one the measured speeds "
+                                       "say would end later, and stop those running (they resume next time)")
     args = p.parse_args(argv)
     if args.smoke:
         args.profile = "smoke"
@@ -392,23 +391,31 @@ def finetune_rows(runs: Sequence[Run], args: argparse.Namespace, map_rows: list[
     return out
 
 
-def remaining_hours(runs: Sequence[Run], pending: Sequence[str]) -> float | None:
-    """Training time the pending runs still need (hours of one core, evaluation not counted).
-
-    From the finished runs' median seconds per image, epoch and pixel, per method; None
-    before a run of each method has finished.
-    """
-    rate: dict[str, list[float]] = {}
+def _rates(runs: Sequence[Run]) -> dict[tuple[str, str], float]:
+    """Median training seconds per image, epoch and pixel of the finished runs, per method and model."""
+    rate: dict[tuple[str, str], list[float]] = {}
     for r in runs:
         c = r.job.config
         if r.status == "finished" and r.history:
-            rate.setdefault(c.method, []).append(r.epoch_time() / (c.train_samples * c.input_size ** 2))
-    todo = [r for r in runs if r.job.name in pending]
-    if any(r.job.config.method not in rate for r in todo):
-        return None
-    seconds = sum((r.job.config.epochs - len(r.history)) * r.job.config.train_samples * r.job.config.input_size ** 2
-                  * statistics.median(rate[r.job.config.method]) for r in todo)
-    return seconds / 3600
+            rate.setdefault((c.method, c.model), []).append(r.epoch_time() / (c.train_samples * c.input_size ** 2))
+    return {k: statistics.median(v) for k, v in rate.items()}
+
+
+def seconds_left(run: Run, rates: dict[tuple[str, str], float]) -> float | None:
+    """Training time a run still needs at the measured speeds; None when no run like it has finished."""
+    c = run.job.config
+    rate = rates.get((c.method, c.model))
+    return None if rate is None else (c.epochs - len(run.history)) * c.train_samples * c.input_size ** 2 * rate
+
+
+def remaining_hours(runs: Sequence[Run], pending: Sequence[str]) -> float | None:
+    """Training time the pending runs still need (hours of one core, evaluation not counted).
+
+    From the finished runs' speeds per method and model; None before a run like each has finished.
+    """
+    rates = _rates(runs)
+    left = [seconds_left(r, rates) for r in runs if r.job.name in pending]
+    return None if any(s is None for s in left) else sum(left) / 3600
 
 
 def build_result(args: argparse.Namespace, base: TrainConfig, runs: list[Run], choice: dict[int, dict],
@@ -545,27 +552,47 @@ def cost(config: TrainConfig) -> float:
 
 
 def train_study(args: argparse.Namespace, base: TrainConfig, study: Study) -> list[str]:
-    """The pilot until every size has its budget, then the groups' runs seed by seed; the failed runs."""
+    """Every run the groups ask for, the failed runs' names returned.
+
+    The plan is made again whenever a run ends: the pilot's runs first, and each group's
+    runs as soon as the pilot has given their size its epochs (seed by seed, cheap runs
+    first, so a session that ends mid-study has the most results). A fine-tune run waits
+    for its source's weights on this machine.
+    """
     report = lambda _job: write_outputs(args, base, study)  # noqa: E731
     deadline = None if args.deadline_s is None else time.time() + args.deadline_s
+    too_long: set[str] = set()
+
+    def wanted() -> list[Job]:
+        pilot, choice = pilot_jobs(base, args, study)
+        epochs = {n: c["epochs"] for n, c in choice.items()}
+        jobs = [j for g in args.groups if g not in ("pilot", "finetune") for j in group_jobs(g, base, args, epochs)]
+        if "finetune" in args.groups:
+            jobs += [j for j in finetune_jobs(base, args, epochs) if Path(j.config.init_weights).is_file()]
+        jobs.sort(key=lambda j: (j.tags["seed"], cost(j.config)))
+        jobs = (pilot if "pilot" in args.groups else []) + jobs
+        if deadline is None:
+            return jobs
+        rates = _rates([study.load(j) for j in plan(args, base, study)[0]])
+        return [j for j in jobs if fits(j, rates)]
+
+    def fits(job: Job, rates: dict[tuple[str, str], float]) -> bool:  # a stopped run resumes only from its folder
+        need = seconds_left(study.load(job), rates)
+        if need is None or need <= 0 or time.time() + need <= deadline:
+            return True
+        if job.name not in too_long:
+            too_long.add(job.name)
+            log.info(f"{job.name}: needs about {need / 3600:.1f} h, past the deadline; not started")
+        return False
+
     failed: list[str] = []
-    while "pilot" in args.groups and (deadline is None or time.time() < deadline):  # it adds runs as it learns
-        todo = [j for j in pilot_jobs(base, args, study)[0] if study.load(j).status not in DONE
-                and j.name not in failed]
-        if not todo:
-            break
-        if all(study.busy(j) for j in todo):  # another process trains what the pilot waits for
-            time.sleep(WAIT_S)
-            continue
-        failed += study.run(todo, report, deadline=deadline)
-    epochs = {n: c["epochs"] for n, c in plan(args, base, study)[1].items()}
-    jobs = [j for g in args.groups if g != "pilot" for j in group_jobs(g, base, args, epochs)]
-    jobs.sort(key=lambda j: (j.tags["seed"], cost(j.config)))  # one seed of everything first, cheap runs first
-    if "finetune" in args.groups:  # the sources' weights must be on this machine
-        sources = {j.tags["source"] for j in jobs if j.tags["group"] == "finetune"}
-        failed += study.run([j for j in plan(args, base, study)[0] if j.name in sources], report, ledger=False,
-                            deadline=deadline)
-    return failed + study.run(jobs, report, deadline=deadline)
+    if "finetune" in args.groups:  # sources the results record but this machine lacks: trained again
+        names = {j.tags["source"] for j in finetune_jobs(base, args, {n: c["epochs"] for n, c in
+                                                                     pilot_jobs(base, args, study)[1].items()})}
+        sources = [j for j in plan(args, base, study)[0] if j.name in names
+                   and study.load(j).status == "finished" and study.load(j, ledger=False).status != "finished"]
+        failed += study.run(sources, report, ledger=False, deadline=deadline)
+    return failed + study.run(wanted, report, deadline=deadline)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -260,68 +260,76 @@ class Study:
         except RSDError:
             return True
 
-    def run(self, jobs: Sequence[JobLike], on_done: Callable[[JobLike], None] | None = None,
-            ledger: bool = True, deadline: float | None = None) -> list[str]:
+    def run(self, jobs: Sequence[JobLike] | Callable[[], Sequence[JobLike]],
+            on_done: Callable[[JobLike], None] | None = None, ledger: bool = True,
+            deadline: float | None = None) -> list[str]:
         """Train the jobs not yet done, in the order given; returns the names of runs that failed.
 
+        ``jobs`` may be a function returning them: it is asked again whenever a run ends, so
+        a study can add runs as it learns (a pilot that decides the epochs of later runs).
         ``on_done(job)`` is called after each run ends. ``ledger=False`` retrains runs this
         machine lacks even when the ledger has them (their files are needed, e.g. weights).
         A run that fails other than by collapsing or diverging is logged and named in the
-        result; the others go on. After ``deadline`` (a ``time.time()``) no run starts and
-        runs in processes of their own are stopped (each resumes from its last epoch).
+        result; the others go on. A run another process is training is left to it. After
+        ``deadline`` (a ``time.time()``) no run starts and runs in processes of their own
+        are stopped (each resumes from its last epoch).
         """
-        todo = list({j.name: j for j in jobs if self.load(j, ledger).status not in DONE}.values())
-        for i, job in enumerate(todo, 1):
-            log.info(f"[{i}/{len(todo)}] {job.name}: {job.config.method}, {job.config.epochs} epochs")
-        if self.parallel == 1:
-            return self._run_here(todo, on_done, ledger, deadline)
+        plan = jobs if callable(jobs) else (lambda: jobs)
         failed: list[str] = []
-        running: dict[str, tuple[Job, subprocess.Popen, Path]] = {}
+        skipped: set[str] = set()
+        started: set[str] = set()  # each run is tried once per call, whatever it left behind
+        running: dict[str, tuple[JobLike, subprocess.Popen, Path]] = {}
+
+        def todo() -> list[JobLike]:
+            unique = {j.name: j for j in plan()}.values()
+            out = [j for j in unique if j.name not in started and j.name not in skipped
+                   and self.load(j, ledger).status not in DONE]
+            for j in [j for j in out if self.busy(j)]:
+                log.info(f"{j.name}: being trained by another process; left to it")
+                skipped.add(j.name)
+                out.remove(j)
+            return out
+
+        def ended(job: JobLike, error: str | None) -> None:
+            if error is not None:
+                log.error(f"run {job.name} failed: {error}")
+                failed.append(job.name)
+            elif on_done is not None:
+                on_done(job)
+
+        pending = todo()
+        log.info(f"{len(pending)} run(s) to train" + (": " + ", ".join(j.name for j in pending) if pending else ""))
         try:
-            while todo or running:
+            while pending or running:
                 if deadline is not None and time.time() > deadline:
-                    log.info(f"deadline: {len(running)} run(s) stopped, {len(todo)} not started")
+                    log.info(f"deadline: {len(running)} run(s) stopped, {len(pending)} not started")
                     break
-                while todo and len(running) < self.parallel:
-                    job = todo.pop(0)
-                    if self.load(job, ledger).status in DONE or self.busy(job):
-                        log.info(f"{job.name}: done or being trained by another process; skipped")
-                        continue
+                if self.parallel == 1:
+                    job = pending[0]
+                    started.add(job.name)
+                    try:
+                        execute(job.config, self.path(job), self.threads, self.parallel)
+                        ended(job, None)
+                    except RSDError as e:
+                        ended(job, str(e))
+                    pending = todo()
+                    continue
+                while pending and len(running) < self.parallel:
+                    job = pending.pop(0)
+                    started.add(job.name)
                     running[job.name] = (job, *self._spawn(job))
-                time.sleep(POLL_S if running else 0)
+                time.sleep(POLL_S)
                 for name, (job, proc, log_file) in list(running.items()):
                     if proc.poll() is None:
                         continue
                     del running[name]
-                    if proc.returncode != 0:
-                        tail = " | ".join(log_file.read_text().splitlines()[-3:])
-                        log.error(f"run {name} failed (exit status {proc.returncode}; {log_file}): {tail}")
-                        failed.append(name)
-                    elif on_done is not None:
-                        on_done(job)
+                    tail = " | ".join(log_file.read_text().splitlines()[-3:])
+                    ended(job, None if proc.returncode == 0 else f"exit status {proc.returncode}; {log_file}: {tail}")
+                    pending = todo()
         finally:
             for _, proc, _ in running.values():  # resumable: every file is written atomically
                 proc.terminate()
                 proc.wait()
-        return failed
-
-    def _run_here(self, todo: list[JobLike], on_done: Callable[[JobLike], None] | None, ledger: bool,
-                  deadline: float | None) -> list[str]:
-        failed = []
-        for job in todo:
-            if deadline is not None and time.time() > deadline:
-                break
-            if self.load(job, ledger).status in DONE or self.busy(job):
-                log.info(f"{job.name}: done or being trained by another process; skipped")
-                continue
-            try:
-                execute(job.config, self.path(job), self.threads, self.parallel)
-            except RSDError as e:
-                log.error(f"run {job.name} failed: {e}")
-                failed.append(job.name)
-                continue
-            if on_done is not None:
-                on_done(job)
         return failed
 
     def _spawn(self, job: JobLike) -> tuple[subprocess.Popen, Path]:
