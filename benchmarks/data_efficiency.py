@@ -563,9 +563,12 @@ def train_study(args: argparse.Namespace, base: TrainConfig, study: Study) -> li
     deadline = None if args.deadline_s is None else time.time() + args.deadline_s
     too_long: set[str] = set()
 
-    def wanted() -> list[Job]:
+    def pilot_epochs() -> tuple[list[Job], dict[int, int]]:  # the pilot's runs, and the epochs it chose per size
         pilot, choice = pilot_jobs(base, args, study)
-        epochs = {n: c["epochs"] for n, c in choice.items()}
+        return pilot, {n: c["epochs"] for n, c in choice.items()}
+
+    def wanted() -> list[Job]:
+        pilot, epochs = pilot_epochs()
         jobs = [j for g in args.groups if g not in ("pilot", "finetune") for j in group_jobs(g, base, args, epochs)]
         if "finetune" in args.groups:
             jobs += [j for j in finetune_jobs(base, args, epochs) if Path(j.config.init_weights).is_file()]
@@ -587,8 +590,7 @@ def train_study(args: argparse.Namespace, base: TrainConfig, study: Study) -> li
 
     failed: list[str] = []
     if "finetune" in args.groups:  # sources the results record but this machine lacks: trained again
-        names = {j.tags["source"] for j in finetune_jobs(base, args, {n: c["epochs"] for n, c in
-                                                                     pilot_jobs(base, args, study)[1].items()})}
+        names = {j.tags["source"] for j in finetune_jobs(base, args, pilot_epochs()[1])}
         sources = [j for j in plan(args, base, study)[0] if j.name in names
                    and study.load(j).status == "finished" and study.load(j, ledger=False).status != "finished"]
         failed += study.run(sources, report, ledger=False, deadline=deadline)

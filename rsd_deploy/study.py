@@ -276,17 +276,16 @@ class Study:
         """
         plan = jobs if callable(jobs) else (lambda: jobs)
         failed: list[str] = []
-        skipped: set[str] = set()
-        started: set[str] = set()  # each run is tried once per call, whatever it left behind
+        seen: set[str] = set()  # each run is tried (or left to another process) once per call
         running: dict[str, tuple[JobLike, subprocess.Popen, Path]] = {}
 
         def todo() -> list[JobLike]:
             unique = {j.name: j for j in plan()}.values()
-            out = [j for j in unique if j.name not in started and j.name not in skipped
+            out = [j for j in unique if j.name not in seen
                    and self.load(j, ledger).status not in DONE]
             for j in [j for j in out if self.busy(j)]:
                 log.info(f"{j.name}: being trained by another process; left to it")
-                skipped.add(j.name)
+                seen.add(j.name)
                 out.remove(j)
             return out
 
@@ -306,7 +305,7 @@ class Study:
                     break
                 if self.parallel == 1:
                     job = pending[0]
-                    started.add(job.name)
+                    seen.add(job.name)
                     try:
                         execute(job.config, self.path(job), self.threads, self.parallel)
                         ended(job, None)
@@ -316,7 +315,7 @@ class Study:
                     continue
                 while pending and len(running) < self.parallel:
                     job = pending.pop(0)
-                    started.add(job.name)
+                    seen.add(job.name)
                     running[job.name] = (job, *self._spawn(job))
                 time.sleep(POLL_S)
                 for name, (job, proc, log_file) in list(running.items()):
