@@ -391,25 +391,36 @@ def finetune_rows(runs: Sequence[Run], args: argparse.Namespace, map_rows: list[
     return out
 
 
-def _rates(runs: Sequence[Run]) -> dict[tuple[str, str], float]:
-    """Median training seconds per image, epoch and pixel of the finished runs, per method and model."""
-    rate: dict[tuple[str, str], list[float]] = {}
+Rates = dict[tuple[str, str], tuple[float, float]]
+
+
+def _rates(runs: Sequence[Run]) -> Rates:
+    """Per method and model, the finished runs' median seconds of training per image, epoch and
+    pixel, and of evaluation (precise BN and validation, which do not grow with the train set)
+    per epoch and pixel; 0 for the latter where no record measured it."""
+    train: dict[tuple[str, str], list[float]] = {}
+    evaluation: dict[tuple[str, str], list[float]] = {}
     for r in runs:
         c = r.job.config
         if r.status == "finished" and r.history:
-            rate.setdefault((c.method, c.model), []).append(r.epoch_time() / (c.train_samples * c.input_size ** 2))
-    return {k: statistics.median(v) for k, v in rate.items()}
+            key = (c.method, c.model)
+            train.setdefault(key, []).append(r.epoch_time() / (c.train_samples * c.input_size ** 2))
+            if r.eval_time() is not None:
+                evaluation.setdefault(key, []).append(r.eval_time() / c.input_size ** 2)
+    return {k: (statistics.median(v), statistics.median(evaluation.get(k, [0.0]))) for k, v in train.items()}
 
 
-def seconds_left(run: Run, rates: dict[tuple[str, str], float]) -> float | None:
-    """Training time a run still needs at the measured speeds; None when no run like it has finished."""
+def seconds_left(run: Run, rates: Rates) -> float | None:
+    """Time a run still needs at the measured speeds; None when no run like it has finished."""
     c = run.job.config
-    rate = rates.get((c.method, c.model))
-    return None if rate is None else (c.epochs - len(run.history)) * c.train_samples * c.input_size ** 2 * rate
+    if (c.method, c.model) not in rates:
+        return None
+    train, evaluation = rates[(c.method, c.model)]
+    return (c.epochs - len(run.history)) * c.input_size ** 2 * (c.train_samples * train + evaluation)
 
 
 def remaining_hours(runs: Sequence[Run], pending: Sequence[str]) -> float | None:
-    """Training time the pending runs still need (hours of one core, evaluation not counted).
+    """Time the pending runs still need (hours of one core; evaluation counted where measured).
 
     From the finished runs' speeds per method and model; None before a run like each has finished.
     """
@@ -579,7 +590,7 @@ def train_study(args: argparse.Namespace, base: TrainConfig, study: Study) -> li
         rates = _rates([study.load(j) for j in plan(args, base, study)[0]])
         return [j for j in jobs if fits(j, rates)]
 
-    def fits(job: Job, rates: dict[tuple[str, str], float]) -> bool:  # a stopped run resumes only from its folder
+    def fits(job: Job, rates: Rates) -> bool:  # a stopped run resumes only from its folder
         need = seconds_left(study.load(job), rates)
         if need is None or need <= 0 or time.time() + need <= deadline:
             return True

@@ -45,7 +45,7 @@ OUTCOME_FILE = "outcome.json"  #: how a run ended (status, message, machine), in
 FAILED = ("collapsed", "diverged")  #: a setting's legitimate failures: recorded, never retried
 DONE = ("finished",) + FAILED
 #: Per-epoch metrics a record keeps (the run folder's metrics.jsonl has them all).
-HISTORY_KEYS = ("epoch", "loss", "train_acc", "val_top1", "lr", "epoch_time")
+HISTORY_KEYS = ("epoch", "loss", "train_acc", "val_top1", "lr", "epoch_time", "eval_time")
 #: Settings that do not change what a run computes: a ledger entry matches whatever they are.
 LOCATION_KEYS = ("data_dir", "init_weights", "device", "workers", "eval_batch_size", "download")
 POLL_S = 2.0
@@ -91,6 +91,11 @@ class Run:
     def epoch_time(self) -> float | None:
         """Median wall time of an epoch (s), evaluation excluded."""
         return statistics.median(e["epoch_time"] for e in self.history) if self.history else None
+
+    def eval_time(self) -> float | None:
+        """Median time of an epoch's precise BN and validation (s); None where the records lack it."""
+        times = [e["eval_time"] for e in self.history if "eval_time" in e]
+        return statistics.median(times) if times else None
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:

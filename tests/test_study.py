@@ -147,6 +147,23 @@ def de():
         yield module
 
 
+def test_time_left_counts_evaluation_which_does_not_grow_with_the_train_set(de):
+    from rsd_deploy.study import Run
+
+    def run(n: int, epochs: int, done: int, **timing) -> Run:
+        config = TrainConfig.from_dict({**TINY, "train_samples": n, "epochs": epochs, "input_size": 8}).validate()
+        return Run(Job(f"r{n}", config, {}), "finished" if done == epochs else "partial",
+                   [{"epoch": e + 1, **timing} for e in range(done)])
+
+    # 100 images train in 1 s an epoch, precise BN + validation take 3 s whatever the train set.
+    rates = de._rates([run(100, 4, 4, epoch_time=1.0, eval_time=3.0)])
+    assert de.seconds_left(run(1000, 10, 4), rates) == pytest.approx(6 * (10.0 + 3.0))
+    # Records from before evaluation was timed count training only.
+    old = de._rates([run(100, 4, 4, epoch_time=1.0)])
+    assert de.seconds_left(run(1000, 10, 4), old) == pytest.approx(6 * 10.0)
+    assert de.seconds_left(run(1000, 10, 4), {}) is None
+
+
 @pytest.mark.slow
 def test_data_efficiency_smoke_pilot_map_and_report(de, tmp_path, calls):
     out = tmp_path / "out"

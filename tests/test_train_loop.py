@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -71,8 +72,9 @@ def test_run_directory_contract(rsd_run):
     for r in lines:
         assert set(r["terms"]) == {"ce_student", "ce_teacher", "ce_mix_tt", "ce_mix_ts", "kd_student", "kd_mix"}
         assert {"train_acc", "train_acc_student", "val_top1", "val_top5", "lr", "epoch_time",
-                "images_per_sec"} <= set(r)
+                "images_per_sec", "eval_time"} <= set(r)
         assert 0.0 <= r["val_top1"] <= r["val_top5"] <= 1.0
+        assert 0.0 < r["eval_time"] < 60.0 and math.isfinite(r["epoch_time"])
     assert meta["metrics"]["val_top1"] == lines[-1]["val_top1"]
     assert (rsd_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The weights are the model, it fuses, and the fused net computes the same logits.
@@ -444,7 +446,7 @@ def test_killed_at_every_write_of_an_epoch_end_resumes_to_the_same_result(tmp_pa
     epoch_end = ["model.safetensors", "run.json", "metrics.jsonl", "curves.png", "checkpoint.safetensors"]
     ref = tmp_path / "reference"
     want = {name: load_tensors(ref / name) for name in ("model.safetensors", "checkpoint.safetensors")}
-    want_metrics = [{k: v for k, v in json.loads(line).items() if k not in ("epoch_time", "images_per_sec")}
+    want_metrics = [{k: v for k, v in json.loads(line).items() if k not in ("epoch_time", "images_per_sec", "eval_time")}
                     for line in (ref / "metrics.jsonl").read_text().splitlines()]
     for r in report["results"]:
         run = tmp_path / f"kill-{r['kill_at']:02d}"
@@ -453,7 +455,7 @@ def test_killed_at_every_write_of_an_epoch_end_resumes_to_the_same_result(tmp_pa
         for name, tensors in want.items():
             got = load_tensors(run / name)
             assert got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in got), (r, name)
-        metrics = [{k: v for k, v in json.loads(line).items() if k not in ("epoch_time", "images_per_sec")}
+        metrics = [{k: v for k, v in json.loads(line).items() if k not in ("epoch_time", "images_per_sec", "eval_time")}
                    for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert metrics == want_metrics, r
         assert json.loads((run / "run.json").read_text())["metrics"]["epochs_completed"] == 2

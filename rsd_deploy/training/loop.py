@@ -498,12 +498,14 @@ def _epochs(config: TrainConfig, run_dir: Path, ctx: distributed.Context, setup:
                 "or gradient-norm clipping (or turn the collapse guard off)"
             )
         trained += 1
+        evaluation_start = time.perf_counter()
         if ctx.is_main and config.precise_bn:
             record["precise_bn_batches"] = _precise_bn(model, train_ds, config, ctx.device, epoch)
         distributed.broadcast_buffers(ctx, model)
         if ctx.is_main:
             val = evaluate(model, val_loader, ctx.device, amp=config.amp)
-            record.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"])
+            record.update(val_top1=val["top1"], val_top5=val["top5"], val_loss=val["loss"],
+                          eval_time=time.perf_counter() - evaluation_start)  # precise BN + validation
             history.append(record)
             run_info.metrics = dict(record, epochs_completed=epoch + 1 if complete else epoch)
             commit = dict(epoch=epoch + 1, step=global_step, optimizer=optimizer, scaler=scaler,
