@@ -65,6 +65,7 @@ SIZES = (500, 1000, 2500, 5000, 10000)
 #: Epoch counts the pilot tries per size, in order (at least 100 for the small sizes).
 EPOCH_CANDIDATES = {500: (100, 200, 400), 1000: (100, 200, 400), 2500: (100, 200, 400),
                     5000: (50, 100, 200, 400), 10000: (30, 60, 120, 240)}
+STUDY_SEEDS = (0, 1, 2)  #: the seeds every figure is reported over (the issue asks for 3)
 CONVERGED_GAIN = 1.0  #: points of top-1 that doubling the epochs must stay under
 WALL_CLOCK_RATIO = 8  #: RSD's epoch costs about this many baseline epochs (measured: see the report)
 FINETUNE_FRACTION = 0.25
@@ -137,7 +138,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a = p.add_argument
     a("--groups", type=lambda t: [g for g in t.split(",") if g], default=list(GROUPS),
       help=f"groups to train, in this order [{','.join(GROUPS)}]")
-    a("--seeds", type=_ints, default=[0, 1, 2], help="seeds [0,1,2]")
+    a("--seeds", type=_ints, default=list(STUDY_SEEDS), help="seeds to train [0,1,2]")
     a("--fair-sizes", type=_ints, help="sizes of the fair baselines [500,1000]")
     a("--ablation-size", type=int, help="size of the ablations and the dial [1000]")
     a("--finetune-sizes", type=_ints, help="sizes of the fine-tune study [1000,10000]")
@@ -545,6 +546,9 @@ def plan(args: argparse.Namespace, base: TrainConfig, study: Study) -> tuple[lis
 
 
 def write_outputs(args: argparse.Namespace, base: TrainConfig, study: Study) -> dict[str, Any]:
+    """The results over the study's seeds whatever ``--seeds`` trains now: they are also the
+    ledger later sessions resume from, so a report must never drop runs outside this call's."""
+    args = argparse.Namespace(**{**vars(args), "seeds": sorted(set(args.seeds) | set(STUDY_SEEDS))})
     jobs, choice = plan(args, base, study)
     runs = [study.load(j) for j in {j.name: j for j in jobs}.values()]
     result = build_result(args, base, runs, choice, jobs)

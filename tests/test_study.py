@@ -203,6 +203,11 @@ def test_data_efficiency_smoke_pilot_map_and_report(de, tmp_path, calls):
     assert de.main(argv[:-4] + ["--work-dir", str(tmp_path / "empty"), "--out-dir", str(out),
                                 "--out-name", "de"]) == 0
     assert len(calls) == trained
+    # A report of other seeds keeps these runs: the results are the ledger later sessions resume from.
+    before = {x["name"] for x in json.loads((out / "de.json").read_text())["runs"]}
+    assert de.main(["--smoke", "--seeds", "1", "--report-only", "--work-dir", str(tmp_path / "empty"),
+                    "--out-dir", str(out), "--out-name", "de"]) == 0
+    assert before and before <= {x["name"] for x in json.loads((out / "de.json").read_text())["runs"]}
 
 
 def test_data_efficiency_refuses_bad_options(de, capsys):
