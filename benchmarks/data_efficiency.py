@@ -447,6 +447,8 @@ def build_result(args: argparse.Namespace, base: TrainConfig, runs: list[Run], c
         "command": command_line("benchmarks/data_efficiency.py", sys.argv[1:], ROOT),
         "reporting_cpu": cpu_model(), "complete": not pending, "pending": pending,
         "pending_by_group": {g: sum(j.name in pending and j.tags["group"] == g for j in wanted) for g in GROUPS},
+        "pending_by_seed": {str(s): {g: sum(j.name in pending and j.tags["group"] == g and j.tags["seed"] == s
+                                            for j in wanted) for g in GROUPS} for s in args.seeds},
         "summary": summarize(runs, args, choice),
         "runs": [record(r, ROOT) for r in runs if r.status != "pending"],
     }

@@ -93,7 +93,7 @@ HERE = ROOT / "benchmarks"
 SECTIONS = ("accuracy", "cuda_tests", "latency", "rsd_step", "regime_map")
 DEFAULT_SECTIONS = SECTIONS[:4]  #: regime_map is a long study of its own: asked for by --sections
 BUDGETS_S = {"accuracy": 280.0, "cuda_tests": 50.0, "latency": 90.0, "rsd_step": 50.0, "regime_map": 480.0}
-TINY_BUDGETS_S = {"accuracy": 60.0, "cuda_tests": 40.0, "latency": 15.0, "rsd_step": 30.0, "regime_map": 60.0}
+TINY_BUDGETS_S = {"accuracy": 60.0, "cuda_tests": 40.0, "latency": 15.0, "rsd_step": 30.0, "regime_map": 150.0}
 #: A regime map's results, committed: a later call resumes from what they record.
 REGIME_LEDGER = HERE / "results" / "data_efficiency_cifar10.json"
 TOTAL_S = 500.0
@@ -474,8 +474,8 @@ def section_regime_map(ctx: Context) -> dict[str, Any]:
     r = json.loads((out / f"{name}.json").read_text())
     rows = [{"size": x["size"], "epochs": x["epochs"], **{m: x[m]["mean"] for m in METHODS},
              "n": [x[m]["n"] for m in METHODS]} for x in r["summary"]["map"]]
-    groups = argv[argv.index("--groups") + 1].split(",")
-    pending = sum(r["pending_by_group"][g] for g in groups)
+    groups, seeds = argv[argv.index("--groups") + 1].split(","), argv[argv.index("--seeds") + 1].split(",")
+    pending = sum(r["pending_by_seed"][s][g] for s in seeds for g in groups)  # what this call was asked to train
     result = {"profile": r["profile"], "groups": groups, "map": rows, "crossover": r["summary"]["crossover"]["text"],
               "pending": pending, "runs_done": sum(x["status"] == "finished" for x in r["runs"])}
     if not pending:

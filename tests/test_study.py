@@ -194,6 +194,11 @@ def test_data_efficiency_smoke_pilot_map_and_report(de, tmp_path, calls):
         changed = {k for k in x["config"] if x["config"][k] != paper["config"][k]}
         assert changed == set(de.ABLATIONS[x["variant"]]), x["variant"]
     assert not r["complete"] and r["pending"]  # fair, dial, finetune, map32 not trained
+    # Pending counts per seed: seed 0's asked groups are done; seeds 1 and 2 (reported, not trained) are not.
+    by_seed = r["pending_by_seed"]
+    assert set(by_seed) == {"0", "1", "2"} and by_seed["0"]["map"] == by_seed["0"]["ablation"] == 0
+    assert by_seed["1"]["map"] == by_seed["2"]["map"] == 4 and by_seed["0"]["fair"] > 0  # 2 sizes x 2 methods
+    assert sum(sum(g.values()) for g in by_seed.values()) == len(r["pending"])
     md = (out / "de.md").read_text()
     assert "## Regime map" in md and "Provisional" in md and (out / "de.png").stat().st_size > 1000
     assert "/tmp" not in json.dumps(r["runs"][0]["config"])  # paths relative to the repository
