@@ -435,6 +435,10 @@ def build_result(args: argparse.Namespace, base: TrainConfig, runs: list[Run], c
     from rsd_deploy.bench.report import cpu_model
 
     pending = [j.name for j in wanted if j.name not in {r.job.name for r in runs if r.status in DONE}]
+    by_seed = {str(s): dict.fromkeys(GROUPS, 0) for s in args.seeds}
+    for j in wanted:
+        if j.name in pending:
+            by_seed[str(j.tags["seed"])][j.tags["group"]] += 1
     return {
         "remaining_core_hours": remaining_hours(runs, pending),
         "benchmark": "data_efficiency", "profile": args.profile, "smoke": args.smoke, "data": base.data,
@@ -446,9 +450,7 @@ def build_result(args: argparse.Namespace, base: TrainConfig, runs: list[Run], c
         "finetune_fraction": FINETUNE_FRACTION, "ablations": ABLATIONS, "fair": FAIR,
         "command": command_line("benchmarks/data_efficiency.py", sys.argv[1:], ROOT),
         "reporting_cpu": cpu_model(), "complete": not pending, "pending": pending,
-        "pending_by_group": {g: sum(j.name in pending and j.tags["group"] == g for j in wanted) for g in GROUPS},
-        "pending_by_seed": {str(s): {g: sum(j.name in pending and j.tags["group"] == g and j.tags["seed"] == s
-                                            for j in wanted) for g in GROUPS} for s in args.seeds},
+        "pending_by_group": {g: sum(n[g] for n in by_seed.values()) for g in GROUPS}, "pending_by_seed": by_seed,
         "summary": summarize(runs, args, choice),
         "runs": [record(r, ROOT) for r in runs if r.status != "pending"],
     }
