@@ -115,8 +115,20 @@ def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str]) -> list[
 
 
 def json_text(obj: Any) -> str:
-    """``obj`` as the indented JSON every file here is written in."""
-    return json.dumps(obj, indent=2, sort_keys=False) + "\n"
+    """``obj`` as the indented JSON every file here is written in; a list or object of plain
+    values (a per-epoch record, a shape) stays on one line, so long histories stay compact."""
+    return _json(obj, 0) + "\n"
+
+
+def _json(obj: Any, level: int) -> str:
+    values = obj.values() if isinstance(obj, dict) else obj
+    if not isinstance(obj, (dict, list)) or not any(isinstance(v, (dict, list)) for v in values):
+        return json.dumps(obj)
+    pad = "  " * (level + 1)
+    if isinstance(obj, dict):
+        items = [f"{pad}{json.dumps(str(k))}: {_json(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
+    return "[\n" + ",\n".join(pad + _json(v, level + 1) for v in obj) + "\n" + "  " * level + "]"
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

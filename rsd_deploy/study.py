@@ -142,8 +142,13 @@ def record(run: Run, root: str | os.PathLike | None = None) -> dict[str, Any]:
         "best_epoch": best + 1 if h else None, "last_train_acc": run.train_acc(),
         "epoch_time_median_s": run.epoch_time(), "machine": run.machine,
         "config": config,
-        "history": [{k: e[k] for k in HISTORY_KEYS if k in e} for e in h],
+        "history": [{k: _short(e[k]) for k in HISTORY_KEYS if k in e} for e in h],
     }
+
+
+def _short(value: Any) -> Any:
+    """A float to 6 significant digits: a history's figures need no more, its file stays small."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
 def mean_std(values: Iterable[float | None]) -> dict[str, Any]:
