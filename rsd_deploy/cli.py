@@ -328,7 +328,7 @@ def _csv(kind):
               help="Re-estimate BatchNorm statistics over this many clean training batches before "
                    "every evaluation and before the weights are written (0: off).")
 @click.option("--collapse-guard/--no-collapse-guard", default=_TRAIN.collapse_guard, show_default=True,
-              help="Stop a run whose network has collapsed (chance accuracy, the loss of predicting the label frequencies).")
+              help="Stop a run whose network has collapsed (three epochs at chance accuracy and the loss of predicting the label frequencies, not falling).")
 @click.option("--momentum", type=float, default=_TRAIN.momentum, show_default=True)
 @click.option("--weight-decay", type=float, default=_TRAIN.weight_decay, show_default=True)
 @click.option("--seed", type=int, default=_TRAIN.seed, show_default=True)

@@ -65,7 +65,7 @@ class TrainConfig:
     #: Before every evaluation and before the weights are written, re-estimate BatchNorm
     #: statistics over this many clean (teacher: no drop, no mixture) training batches.
     precise_bn: int = 20
-    #: Stop a run whose network has collapsed (chance accuracy, the loss of predicting the label frequencies).
+    #: Stop a run whose network has collapsed (three epochs at chance accuracy and the loss of predicting the label frequencies, not falling).
     collapse_guard: bool = True
     seed: int = 0
     max_steps: int | None = None  #: stop after this many optimizer steps

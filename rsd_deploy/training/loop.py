@@ -205,6 +205,12 @@ COLLAPSE_ACC_MARGIN = 0.5
 #: The guard judges an epoch only after the first epoch and after this many optimizer
 #: steps in all: a smoke run of a few steps has not had the time to leave chance level.
 COLLAPSE_MIN_STEPS = 50
+#: A collapse is this many consecutive epochs at chance level: a network that learns slowly
+#: (RSD on a few hundred images) can spend one or two epochs there on its way up.
+COLLAPSE_PATIENCE = 3
+#: ... over which the mean loss has not fallen by more than this fraction of its collapsed
+#: value: a network whose loss still falls is learning, a collapsed one stays where it is.
+COLLAPSE_LOSS_FALL = 0.01
 
 
 @dataclass(frozen=True)
@@ -251,16 +257,21 @@ def _collapsed_loss(config: TrainConfig, chance: Chance) -> float | None:
     return config.alpha * len(ce_terms) * chance.entropy if ce_terms else None
 
 
-def _collapse(record: dict[str, Any], chance: Chance, ceiling: float | None) -> str | None:
-    """What shows that the network has collapsed during the epoch of ``record``, or None."""
-    if ceiling is None or ceiling <= 0:
+def _collapse(records: list[dict[str, Any]], chance: Chance, ceiling: float | None) -> str | None:
+    """What shows that the network has collapsed over the epochs of ``records`` (the last
+    ``COLLAPSE_PATIENCE``, oldest first), or None."""
+    if ceiling is None or ceiling <= 0 or len(records) < COLLAPSE_PATIENCE:
         return None
+    window = records[-COLLAPSE_PATIENCE:]
     limit = chance.accuracy + COLLAPSE_ACC_MARGIN / chance.num_classes
-    if record["train_acc"] <= limit and record["loss"] >= COLLAPSE_LOSS_FRACTION * ceiling:
-        return (f"training accuracy {100 * record['train_acc']:.1f}% (chance {100 * chance.accuracy:.1f}%) and "
-                f"mean loss {record['loss']:.3f}, at the value of a network that predicts only the label "
-                f"frequencies ({ceiling:.3f}), for the whole epoch")
-    return None
+    at_chance = all(r["train_acc"] <= limit and r["loss"] >= COLLAPSE_LOSS_FRACTION * ceiling for r in window)
+    first, last = window[0]["loss"], window[-1]["loss"]
+    if not at_chance or last < first - COLLAPSE_LOSS_FALL * ceiling:
+        return None
+    return (f"for {COLLAPSE_PATIENCE} epochs, training accuracy at most "
+            f"{100 * max(r['train_acc'] for r in window):.1f}% (chance {100 * chance.accuracy:.1f}%) and mean loss "
+            f"from {first:.3f} to {last:.3f}, not falling, at the value of a network that predicts only the "
+            f"label frequencies ({ceiling:.3f})")
 
 
 def train(config: TrainConfig, out: str | Path | None = None, *, resume: bool = False,
@@ -477,6 +488,7 @@ def _epochs(config: TrainConfig, run_dir: Path, ctx: distributed.Context, setup:
 
     chance = Chance.of(_labels(train_ds), info.num_classes)
     ceiling = _collapsed_loss(config, chance)
+    recent = list(history[-COLLAPSE_PATIENCE:])  # the epochs the guard looks back on (every rank keeps them)
     trained = 0
     for epoch in range(start_epoch, config.epochs):
         if config.max_steps is not None and global_step >= config.max_steps:
@@ -490,7 +502,8 @@ def _epochs(config: TrainConfig, run_dir: Path, ctx: distributed.Context, setup:
         except _NonFinite as e:
             raise RSDError(f"{e}; training stopped ({_kept(run_dir, epoch)})") from None
         judged = config.collapse_guard and complete and epoch > 0 and global_step >= COLLAPSE_MIN_STEPS
-        seen = _collapse(record, chance, ceiling) if judged else None
+        recent = [*recent[-(COLLAPSE_PATIENCE - 1):], record]
+        seen = _collapse(recent, chance, ceiling) if judged else None
         if seen:
             raise RSDError(
                 f"the network collapsed in epoch {epoch + 1}: {seen}; training stopped "
