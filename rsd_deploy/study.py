@@ -142,12 +142,16 @@ def record(run: Run, root: str | os.PathLike | None = None) -> dict[str, Any]:
         "best_epoch": best + 1 if h else None, "last_train_acc": run.train_acc(),
         "epoch_time_median_s": run.epoch_time(), "machine": run.machine,
         "config": config,
-        "history": [{k: _short(e[k]) for k in HISTORY_KEYS if k in e} for e in h],
+        "history": [{k: e[k] if k in EXACT_KEYS else _short(e[k]) for k in HISTORY_KEYS if k in e} for e in h],
     }
 
 
+#: History figures kept exact: the accuracies a report computes from the ledger must equal the run's.
+EXACT_KEYS = frozenset({"val_top1", "train_acc"})
+
+
 def _short(value: Any) -> Any:
-    """A float to 6 significant digits: a history's figures need no more, its file stays small."""
+    """A float to 6 significant digits: losses and times need no more, the ledger stays small."""
     return float(f"{value:.6g}") if isinstance(value, float) else value
 
 

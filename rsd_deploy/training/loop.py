@@ -488,7 +488,8 @@ def _epochs(config: TrainConfig, run_dir: Path, ctx: distributed.Context, setup:
 
     chance = Chance.of(_labels(train_ds), info.num_classes)
     ceiling = _collapsed_loss(config, chance)
-    recent = list(history[-COLLAPSE_PATIENCE:])  # the epochs the guard looks back on (every rank keeps them)
+    # The judged epochs the guard looks back on (every rank keeps them; a resumed run reads them back).
+    recent = [r for r in history if r["epoch"] > 1 and r["steps"] >= COLLAPSE_MIN_STEPS][-COLLAPSE_PATIENCE:]
     trained = 0
     for epoch in range(start_epoch, config.epochs):
         if config.max_steps is not None and global_step >= config.max_steps:
@@ -502,7 +503,8 @@ def _epochs(config: TrainConfig, run_dir: Path, ctx: distributed.Context, setup:
         except _NonFinite as e:
             raise RSDError(f"{e}; training stopped ({_kept(run_dir, epoch)})") from None
         judged = config.collapse_guard and complete and epoch > 0 and global_step >= COLLAPSE_MIN_STEPS
-        recent = [*recent[-(COLLAPSE_PATIENCE - 1):], record]
+        if judged:
+            recent = [*recent[-(COLLAPSE_PATIENCE - 1):], record]
         seen = _collapse(recent, chance, ceiling) if judged else None
         if seen:
             raise RSDError(
