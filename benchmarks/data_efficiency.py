@@ -155,7 +155,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a("--smoke", action="store_true", help="--profile smoke: digits at 8 px, sizes 64 and 128, 1-2 epochs")
     a("--data-dir", help="the data set's folder [the recipe's: ../shared/data/cifar10-mini]")
     a("--deadline-s", type=float, help="start no run after this many seconds, nor one the measured speeds "
-                                       "say would end later, and stop those running (they resume next time)")
+                                       "say would end later, and stop those running in processes of their "
+                                       "own (--parallel 2 and up; they resume next time); with --parallel 1 "
+                                       "the run in progress finishes")
     args = p.parse_args(argv)
     if args.smoke:
         args.profile = "smoke"
