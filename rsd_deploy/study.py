@@ -46,6 +46,8 @@ FAILED = ("collapsed", "diverged")  #: a setting's legitimate failures: recorded
 DONE = ("finished",) + FAILED
 #: Per-epoch metrics a record keeps (the run folder's metrics.jsonl has them all).
 HISTORY_KEYS = ("epoch", "loss", "train_acc", "val_top1", "lr", "epoch_time", "eval_time")
+#: History figures kept exact: the accuracies a report computes from the ledger must equal the run's.
+EXACT_KEYS = frozenset({"val_top1", "train_acc"})
 #: Settings that do not change what a run computes: a ledger entry matches whatever they are.
 LOCATION_KEYS = ("data_dir", "init_weights", "device", "workers", "eval_batch_size", "download")
 POLL_S = 2.0
@@ -144,10 +146,6 @@ def record(run: Run, root: str | os.PathLike | None = None) -> dict[str, Any]:
         "config": config,
         "history": [{k: e[k] if k in EXACT_KEYS else _short(e[k]) for k in HISTORY_KEYS if k in e} for e in h],
     }
-
-
-#: History figures kept exact: the accuracies a report computes from the ledger must equal the run's.
-EXACT_KEYS = frozenset({"val_top1", "train_acc"})
 
 
 def _short(value: Any) -> Any:

@@ -213,6 +213,11 @@ COLLAPSE_PATIENCE = 3
 COLLAPSE_LOSS_FALL = 0.01
 
 
+def _judged(epoch: int, steps: int) -> bool:
+    """Whether the guard judges (1-based) ``epoch``, ended after ``steps`` optimizer steps in all."""
+    return epoch > 1 and steps >= COLLAPSE_MIN_STEPS
+
+
 @dataclass(frozen=True)
 class Chance:
     """What a collapsed network scores: one that predicts the label frequencies ``p`` for
@@ -489,7 +494,7 @@ def _epochs(config: TrainConfig, run_dir: Path, ctx: distributed.Context, setup:
     chance = Chance.of(_labels(train_ds), info.num_classes)
     ceiling = _collapsed_loss(config, chance)
     # The judged epochs the guard looks back on (every rank keeps them; a resumed run reads them back).
-    recent = [r for r in history if r["epoch"] > 1 and r["steps"] >= COLLAPSE_MIN_STEPS][-COLLAPSE_PATIENCE:]
+    recent = [r for r in history if _judged(r["epoch"], r["steps"])][-COLLAPSE_PATIENCE:]
     trained = 0
     for epoch in range(start_epoch, config.epochs):
         if config.max_steps is not None and global_step >= config.max_steps:
@@ -502,10 +507,10 @@ def _epochs(config: TrainConfig, run_dir: Path, ctx: distributed.Context, setup:
             )
         except _NonFinite as e:
             raise RSDError(f"{e}; training stopped ({_kept(run_dir, epoch)})") from None
-        judged = config.collapse_guard and complete and epoch > 0 and global_step >= COLLAPSE_MIN_STEPS
-        if judged:
+        seen = None
+        if config.collapse_guard and complete and _judged(epoch + 1, global_step):
             recent = [*recent[-(COLLAPSE_PATIENCE - 1):], record]
-        seen = _collapse(recent, chance, ceiling) if judged else None
+            seen = _collapse(recent, chance, ceiling)
         if seen:
             raise RSDError(
                 f"the network collapsed in epoch {epoch + 1}: {seen}; training stopped "
