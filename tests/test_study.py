@@ -215,6 +215,12 @@ def test_data_efficiency_smoke_pilot_map_and_report(de, tmp_path, calls):
     assert de.main(["--smoke", "--seeds", "1", "--report-only", "--work-dir", str(tmp_path / "empty"),
                     "--out-dir", str(out), "--out-name", "de"]) == 0
     assert before and before <= {x["name"] for x in json.loads((out / "de.json").read_text())["runs"]}
+    # So does one that trains other sizes: the profile's sizes stay in the report beside the asked ones.
+    assert de.main(["--smoke", "--seeds", "0", "--report-only", "--fair-sizes", "128", "--ablation-size", "128",
+                    "--work-dir", str(tmp_path / "empty"), "--out-dir", str(out), "--out-name", "de"]) == 0
+    r = json.loads((out / "de.json").read_text())
+    assert before <= {x["name"] for x in r["runs"]}
+    assert [row["size"] for row in r["summary"]["fair"]] == [64, 128]
 
 
 def test_data_efficiency_refuses_bad_options(de, capsys):
