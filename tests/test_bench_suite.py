@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import benchmark_module
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "latency_suite.py"
 
 
 @pytest.fixture(scope="module")
 def suite():
-    spec = importlib.util.spec_from_file_location("latency_suite", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("latency_suite") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _row(model, backend, batch, uf_lo, verdict):

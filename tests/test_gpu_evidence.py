@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import benchmark_module
 from rsd_deploy.errors import RSDError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,14 +22,8 @@ SCRIPT = ROOT / "benchmarks" / "gpu_evidence.py"
 
 @pytest.fixture(scope="module")
 def ev():
-    spec = importlib.util.spec_from_file_location("gpu_evidence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("gpu_evidence") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_milestones_scale_with_the_epochs_run(ev):

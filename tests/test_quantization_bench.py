@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import trained_run
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quantization.py"
+from helpers import benchmark_module, trained_run
 
 
 @pytest.fixture
 def bench():
-    spec = importlib.util.spec_from_file_location("quantization_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("quantization") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_rsd_and_baseline_runs_quantized_alike(bench, cifar_mini, tmp_path):
