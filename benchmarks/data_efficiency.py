@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from rsd_deploy.errors import RSDError
-from rsd_deploy.io import atomic_path, write_json
+from rsd_deploy.io import atomic_path, read_json, write_json
 from rsd_deploy.study import DONE, Job, Run, Study, command_line, mean_std, record, relative
 from rsd_deploy.training import TrainConfig, load_recipe
 
@@ -567,12 +567,23 @@ def write_outputs(args: argparse.Namespace, base: TrainConfig, study: Study) -> 
     runs = [study.load(j) for j in {j.name: j for j in jobs}.values()]
     result = build_result(args, base, runs, choice, jobs)
     stem = args.out_dir / args.out_name
+    result["runs"] += kept_records(stem.with_suffix(".json"), result["runs"])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_json(stem.with_suffix(".json"), result)
     with atomic_path(stem.with_suffix(".md")) as tmp:
         tmp.write_text(to_markdown(result))
     plot(result, stem.with_suffix(".png"))
     return result
+
+
+def kept_records(ledger: Path, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The done runs ``ledger`` records that ``runs`` lacks: a call planning fewer sizes, or one
+    that cannot place a run yet (its size's pilot run trained again here), must not drop them."""
+    if not ledger.is_file():
+        return []
+    names = {r["name"] for r in runs}
+    return [r for r in read_json(ledger).get("runs", [])
+            if isinstance(r, dict) and r.get("status") in DONE and r.get("name") not in names]
 
 
 def cost(config: TrainConfig) -> float:
@@ -602,14 +613,16 @@ def train_study(args: argparse.Namespace, base: TrainConfig, study: Study) -> li
         if "finetune" in args.groups:
             jobs += [j for j in finetune_jobs(base, args, epochs) if Path(j.config.init_weights).is_file()]
         jobs.sort(key=lambda j: (j.tags["seed"], cost(j.config)))
-        jobs = (pilot if "pilot" in args.groups else []) + jobs
+        return fitting((pilot if "pilot" in args.groups else []) + jobs)
+
+    def fitting(jobs: list[Job], ledger: bool = True) -> list[Job]:  # those the speeds say end in time
         if deadline is None:
             return jobs
         rates = _rates([study.load(j) for j in plan(args, base, study)[0]])
-        return [j for j in jobs if fits(j, rates)]
+        return [j for j in jobs if fits(j, rates, ledger)]
 
-    def fits(job: Job, rates: Rates) -> bool:  # a stopped run resumes only from its folder
-        need = seconds_left(study.load(job), rates)
+    def fits(job: Job, rates: Rates, ledger: bool) -> bool:  # a stopped run resumes only from its folder
+        need = seconds_left(study.load(job, ledger), rates)
         if need is None or need <= 0 or time.time() + need <= deadline:
             return True
         if job.name not in too_long:
@@ -620,8 +633,8 @@ def train_study(args: argparse.Namespace, base: TrainConfig, study: Study) -> li
     failed: list[str] = []
     if "finetune" in args.groups:  # sources the results record but this machine lacks: trained again
         names = {j.tags["source"] for j in finetune_jobs(base, args, pilot_epochs()[1])}
-        sources = [j for j in plan(args, base, study)[0] if j.name in names
-                   and study.load(j).status == "finished" and study.load(j, ledger=False).status != "finished"]
+        sources = fitting([j for j in plan(args, base, study)[0] if j.name in names
+                           and study.load(j).status == "finished" and study.load(j, ledger=False).status != "finished"], ledger=False)
         failed += study.run(sources, report, ledger=False, deadline=deadline)
     return failed + study.run(wanted, report, deadline=deadline)
 

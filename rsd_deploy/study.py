@@ -234,9 +234,15 @@ class Study:
     def load(self, job: JobLike, ledger: bool = True) -> Run:
         """The run of ``job`` as this machine's folder, else the ledger, has it.
 
+        A run this folder holds part of but the ledger records as done (trained again here
+        for its weights, or finished elsewhere) is the ledger's, unless ``ledger`` is False.
         RSDError when the folder holds a run trained with other settings (never a silent mix).
         """
         path = self.path(job)
+        entry = self.ledger.get(job.name) if ledger else None
+        recorded = {**TrainConfig().to_json(), **(entry or {}).get("config", {})}  # an older entry: defaults
+        if entry is not None and _comparable(recorded) != _comparable(job.config.to_json()):
+            entry = None
         outcome = read_json(path / OUTCOME_FILE) if (path / OUTCOME_FILE).exists() else {}
         if outcome.get("status") in FAILED or checkpoint.exists(path):
             if checkpoint.exists(path):
@@ -245,10 +251,9 @@ class Study:
             if status not in FAILED:
                 done = checkpoint.read_progress(path)[0] >= job.config.epochs
                 status = "finished" if done else "partial"
-            return Run(job, status, read_history(path), outcome.get("message"), outcome.get("machine"), path)
-        entry = self.ledger.get(job.name) if ledger else None
-        recorded = {**TrainConfig().to_json(), **(entry or {}).get("config", {})}  # an older entry: defaults
-        if entry is not None and _comparable(recorded) == _comparable(job.config.to_json()):
+            if status != "partial" or entry is None:
+                return Run(job, status, read_history(path), outcome.get("message"), outcome.get("machine"), path)
+        if entry is not None:
             return Run(job, entry["status"], entry.get("history", []), entry.get("message"), entry.get("machine"))
         return Run(job, "pending", [], path=None)
 

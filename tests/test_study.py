@@ -92,6 +92,26 @@ def test_the_ledger_counts_committed_runs_as_done(tmp_path, calls):
     assert calls == ["base", "base"] and other.load(job, ledger=False).status == "finished"
 
 
+def test_a_run_trained_again_here_reads_as_the_ledgers_until_it_ends(tmp_path, calls, monkeypatch):
+    job = _job("base", method="baseline")
+    Study(tmp_path / "a").run([job])
+    ledger = tmp_path / "results.json"
+    write_json(ledger, {"runs": [record(Study(tmp_path / "a").load(job), tmp_path)]})
+    monkeypatch.setattr(study_module.checkpoint, "read_progress", lambda path: (0, None))  # mid-retraining
+    study = Study(tmp_path / "a", ledger=ledger)
+    assert study.load(job).status == "finished" and study.load(job).path is None
+    assert study.load(job, ledger=False).status == "partial"
+    assert Study(tmp_path / "a").load(job).status == "partial"  # no ledger: the folder's
+
+
+def test_the_study_report_keeps_ledger_records_it_does_not_plan(de, tmp_path):
+    ledger = tmp_path / "de.json"
+    write_json(ledger, {"runs": [{"name": "a", "status": "finished"}, {"name": "b", "status": "collapsed"},
+                                 {"name": "c", "status": "partial"}, {"name": "d", "status": "finished"}]})
+    assert [r["name"] for r in de.kept_records(ledger, [{"name": "d"}])] == ["a", "b"]
+    assert de.kept_records(tmp_path / "none.json", []) == []
+
+
 def test_a_run_another_process_trains_is_left_to_it(tmp_path, calls):
     job = _job("held")
     s = Study(tmp_path)
@@ -167,7 +187,7 @@ def test_time_left_counts_evaluation_which_does_not_grow_with_the_train_set(de):
 
 
 @pytest.mark.slow
-def test_data_efficiency_smoke_pilot_map_and_report(de, tmp_path, calls):
+def test_data_efficiency_smoke_pilot_map_and_report(de, tmp_path, calls, monkeypatch, caplog):
     out = tmp_path / "out"
     argv = ["--smoke", "--groups", "pilot,map,ablation", "--seeds", "0", "--work-dir", str(tmp_path / "work"),
             "--out-dir", str(out), "--out-name", "de"]
@@ -221,6 +241,16 @@ def test_data_efficiency_smoke_pilot_map_and_report(de, tmp_path, calls):
     r = json.loads((out / "de.json").read_text())
     assert before <= {x["name"] for x in r["runs"]}
     assert [row["size"] for row in r["summary"]["fair"]] == [64, 128]
+    # A deadline the speeds say a run cannot meet starts none: neither the fair baselines nor the
+    # fine-tune's source, which this machine lacks and would otherwise train again for its weights.
+    monkeypatch.setattr(de, "seconds_left", lambda run, rates: 7200.0)
+    caplog.set_level("INFO", logger="data_efficiency")
+    assert de.main(["--smoke", "--groups", "finetune,fair", "--seeds", "0", "--deadline-s", "3600",
+                    "--work-dir", str(tmp_path / "empty"), "--out-dir", str(out), "--out-name", "de"]) == 0
+    assert len(calls) == trained
+    source = next(x["name"] for x in r["runs"] if x["group"] == "map" and x["method"] == "baseline" and x["size"] == 64)
+    assert f"{source}: needs about 2.0 h, past the deadline; not started" in caplog.text
+    assert "_wd1e-3: needs about 2.0 h, past the deadline" in caplog.text
 
 
 def test_data_efficiency_refuses_bad_options(de, capsys):
