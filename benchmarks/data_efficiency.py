@@ -556,14 +556,12 @@ def write_outputs(args: argparse.Namespace, base: TrainConfig, study: Study) -> 
     the ledger later sessions resume from, so a report must never drop runs outside this call's.
 
     The report covers the profile's sizes of the fair, fine-tune and resnet32 groups besides
-    the ones asked for; ablations at another size are reported, and the profile's are kept.
+    the ones asked for; the ledger's done runs it does not plan are kept (:func:`kept_records`).
     """
     defaults = PROFILES[args.profile].defaults
     wider = {k: sorted(set(getattr(args, k)) | set(v)) for k, v in defaults.items() if isinstance(v, list)}
     args = argparse.Namespace(**{**vars(args), **wider, "seeds": sorted(set(args.seeds) | set(STUDY_SEEDS))})
     jobs, choice = plan(args, base, study)
-    if args.ablation_size != defaults["ablation_size"]:
-        jobs += plan(argparse.Namespace(**{**vars(args), "ablation_size": defaults["ablation_size"]}), base, study)[0]
     runs = [study.load(j) for j in {j.name: j for j in jobs}.values()]
     result = build_result(args, base, runs, choice, jobs)
     stem = args.out_dir / args.out_name
