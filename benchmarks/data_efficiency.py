@@ -555,16 +555,19 @@ def write_outputs(args: argparse.Namespace, base: TrainConfig, study: Study) -> 
     """The results over the study's seeds and sizes whatever this call trains: they are also
     the ledger later sessions resume from, so a report must never drop runs outside this call's.
 
-    The report covers the profile's sizes of the fair, fine-tune and resnet32 groups besides
-    the ones asked for; the ledger's done runs it does not plan are kept (:func:`kept_records`).
+    The report covers the sizes of the fair, fine-tune and resnet32 groups that the profile
+    names or the ledger records besides the ones asked for; the ledger's done runs it does not
+    plan are kept (:func:`kept_records`).
     """
+    stem = args.out_dir / args.out_name
     defaults = PROFILES[args.profile].defaults
-    wider = {k: sorted(set(getattr(args, k)) | set(v)) for k, v in defaults.items() if isinstance(v, list)}
+    recorded = recorded_sizes(stem.with_suffix(".json"), sizes_of(args))
+    wider = {k: sorted(set(getattr(args, k)) | set(v) | recorded.get(k, set()))
+             for k, v in defaults.items() if isinstance(v, list)}
     args = argparse.Namespace(**{**vars(args), **wider, "seeds": sorted(set(args.seeds) | set(STUDY_SEEDS))})
     jobs, choice = plan(args, base, study)
     runs = [study.load(j) for j in {j.name: j for j in jobs}.values()]
     result = build_result(args, base, runs, choice, jobs)
-    stem = args.out_dir / args.out_name
     result["runs"] += kept_records(stem.with_suffix(".json"), result["runs"])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_json(stem.with_suffix(".json"), result)
@@ -572,6 +575,19 @@ def write_outputs(args: argparse.Namespace, base: TrainConfig, study: Study) -> 
         tmp.write_text(to_markdown(result))
     plot(result, stem.with_suffix(".png"))
     return result
+
+
+def recorded_sizes(ledger: Path, sizes: Sequence[int]) -> dict[str, set[int]]:
+    """The map's sizes at which ``ledger`` records done runs of the fair, fine-tune and resnet32
+    groups, by the argument naming them: a call asking for other sizes still tabulates these."""
+    out: dict[str, set[int]] = {}
+    if not ledger.is_file():
+        return out
+    for r in read_json(ledger).get("runs", []):
+        if isinstance(r, dict) and r.get("status") in DONE and r.get("size") in sizes \
+                and r.get("group") in ("fair", "finetune", "map32"):
+            out.setdefault(f"{r['group']}_sizes", set()).add(r["size"])
+    return out
 
 
 def kept_records(ledger: Path, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

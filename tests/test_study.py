@@ -112,6 +112,18 @@ def test_the_study_report_keeps_ledger_records_it_does_not_plan(de, tmp_path):
     assert de.kept_records(tmp_path / "none.json", []) == []
 
 
+def test_the_study_report_tabulates_the_sizes_its_ledger_records(de, tmp_path):
+    ledger = tmp_path / "de.json"
+    runs = [{"name": "a", "status": "finished", "group": "fair", "size": 2500},
+            {"name": "b", "status": "partial", "group": "fair", "size": 5000},
+            {"name": "c", "status": "finished", "group": "finetune", "size": 1000},
+            {"name": "d", "status": "finished", "group": "map", "size": 500},
+            {"name": "e", "status": "finished", "group": "map32", "size": 123}]
+    write_json(ledger, {"runs": runs})
+    assert de.recorded_sizes(ledger, (500, 1000, 2500, 5000)) == {"fair_sizes": {2500}, "finetune_sizes": {1000}}
+    assert de.recorded_sizes(tmp_path / "none.json", (500,)) == {}
+
+
 def test_a_run_another_process_trains_is_left_to_it(tmp_path, calls):
     job = _job("held")
     s = Study(tmp_path)
