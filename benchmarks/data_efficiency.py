@@ -581,11 +581,8 @@ def recorded_sizes(ledger: Path, sizes: Sequence[int]) -> dict[str, set[int]]:
     """The map's sizes at which ``ledger`` records done runs of the fair, fine-tune and resnet32
     groups, by the argument naming them: a call asking for other sizes still tabulates these."""
     out: dict[str, set[int]] = {}
-    if not ledger.is_file():
-        return out
-    for r in read_json(ledger).get("runs", []):
-        if isinstance(r, dict) and r.get("status") in DONE and r.get("size") in sizes \
-                and r.get("group") in ("fair", "finetune", "map32"):
+    for r in done_records(ledger):
+        if r.get("size") in sizes and r.get("group") in ("fair", "finetune", "map32"):
             out.setdefault(f"{r['group']}_sizes", set()).add(r["size"])
     return out
 
@@ -593,11 +590,15 @@ def recorded_sizes(ledger: Path, sizes: Sequence[int]) -> dict[str, set[int]]:
 def kept_records(ledger: Path, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The done runs ``ledger`` records that ``runs`` lacks: a call planning fewer sizes, or one
     that cannot place a run yet (its size's pilot run trained again here), must not drop them."""
+    names = {r["name"] for r in runs}
+    return [r for r in done_records(ledger) if r.get("name") not in names]
+
+
+def done_records(ledger: Path) -> list[dict[str, Any]]:
+    """The records of the runs ``ledger`` (a results JSON, read fresh) holds as done."""
     if not ledger.is_file():
         return []
-    names = {r["name"] for r in runs}
-    return [r for r in read_json(ledger).get("runs", [])
-            if isinstance(r, dict) and r.get("status") in DONE and r.get("name") not in names]
+    return [r for r in read_json(ledger).get("runs", []) if isinstance(r, dict) and r.get("status") in DONE]
 
 
 def cost(config: TrainConfig) -> float:
