@@ -23,8 +23,8 @@ validation split. The study is made of groups, each a set of runs over ``--seeds
   the pilot chose for resnet20.
 
 Results: ``data_efficiency.{json,md,png}`` in ``--out-dir`` (``benchmarks/results``),
-rewritten after every run; the JSON holds every run's record and per-epoch history and is
-the study's ledger, so runs it records as finished are not trained again (a committed
+rewritten after every run; the JSON holds every run's record (its figures and validation
+curve; the run folder has every metric) and is the study's ledger, so runs it records as finished are not trained again (a committed
 study resumes on another machine). Runs live under ``--work-dir``; running the same
 command again resumes interrupted runs. Groups whose runs are not finished are reported
 as far as they got, and say so.

@@ -11,7 +11,8 @@ another process is training is left to it. :meth:`Study.load` reads a run back a
 A *ledger* (a JSON file of :func:`record` s, typically the study's own results file)
 keeps what finished runs recorded, so a study whose results were committed counts those
 runs as done on a machine whose work folder does not have them. A run is matched to its
-ledger entry by name and by every setting that shapes its result.
+ledger entry by name and by every setting that shapes its result. A record is compact: its
+summary figures and the validation curve; the run folder's ``metrics.jsonl`` has the rest.
 
 A collapse or a divergence is a setting's outcome and is recorded as such; any other
 failure of a run (missing data, a bug) is logged, records nothing, and is retried by
@@ -44,10 +45,6 @@ log = logging.getLogger(__name__)
 OUTCOME_FILE = "outcome.json"  #: how a run ended (status, message, machine), in its directory
 FAILED = ("collapsed", "diverged")  #: a setting's legitimate failures: recorded, never retried
 DONE = ("finished",) + FAILED
-#: Per-epoch metrics a record keeps (the run folder's metrics.jsonl has them all).
-HISTORY_KEYS = ("epoch", "loss", "train_acc", "val_top1", "lr", "epoch_time", "eval_time")
-#: History figures kept exact: the accuracies a report computes from the ledger must equal the run's.
-EXACT_KEYS = frozenset({"val_top1", "train_acc"})
 #: Settings that do not change what a run computes: a ledger entry matches whatever they are.
 LOCATION_KEYS = ("data_dir", "init_weights", "device", "workers", "eval_batch_size", "download")
 POLL_S = 2.0
@@ -79,6 +76,8 @@ class Run:
     message: str | None = None
     machine: dict[str, Any] | None = None
     path: Path | None = None  #: its folder, when this machine has it
+    #: The ledger's record of a run this machine does not have: figures its curve-only history lacks.
+    recorded: dict[str, Any] = field(default_factory=dict)
 
     def top1(self, epoch: int | None = None) -> float | None:
         """Validation top-1 (%) after ``epoch`` (1-based; default: the last one run)."""
@@ -88,16 +87,21 @@ class Run:
 
     def train_acc(self) -> float | None:
         """Last epoch's training accuracy (%, full network on augmented batches)."""
-        return 100 * self.history[-1]["train_acc"] if self.history else None
+        if self.history and "train_acc" in self.history[-1]:
+            return 100 * self.history[-1]["train_acc"]
+        return self.recorded.get("last_train_acc")
 
     def epoch_time(self) -> float | None:
         """Median wall time of an epoch (s), evaluation excluded."""
-        return statistics.median(e["epoch_time"] for e in self.history) if self.history else None
+        return self._median("epoch_time")
 
     def eval_time(self) -> float | None:
         """Median time of an epoch's precise BN and validation (s); None where the records lack it."""
-        times = [e["eval_time"] for e in self.history if "eval_time" in e]
-        return statistics.median(times) if times else None
+        return self._median("eval_time")
+
+    def _median(self, key: str) -> float | None:
+        times = [e[key] for e in self.history if key in e]
+        return statistics.median(times) if times else self.recorded.get(f"{key}_median_s")
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
@@ -133,6 +137,7 @@ def record(run: Run, root: str | os.PathLike | None = None) -> dict[str, Any]:
     name no machine's folders).
     """
     h = run.history
+    eval_time = run.eval_time()
     config = run.job.config.to_json()
     if root is not None:
         config.update({k: relative(config[k], root) for k in ("data_dir", "init_weights") if config.get(k)})
@@ -142,14 +147,22 @@ def record(run: Run, root: str | os.PathLike | None = None) -> dict[str, Any]:
         "epochs": run.job.config.epochs, "epochs_run": len(h),
         "last_top1": run.top1(), "best_top1": run.top1(best + 1) if h else None,
         "best_epoch": best + 1 if h else None, "last_train_acc": run.train_acc(),
-        "epoch_time_median_s": run.epoch_time(), "machine": run.machine,
-        "config": config,
-        "history": [{k: e[k] if k in EXACT_KEYS else _short(e[k]) for k in HISTORY_KEYS if k in e} for e in h],
+        "epoch_time_median_s": _short(run.epoch_time()),
+        **({"eval_time_median_s": _short(eval_time)} if eval_time is not None else {}),
+        "machine": run.machine, "config": config,
+        "val_top1_curve": [e["val_top1"] for e in h],  # fractions, exact: a report's figures equal the run's
     }
 
 
-def _short(value: Any) -> Any:
-    """A float to 6 significant digits: losses and times need no more, the ledger stays small."""
+def ledger_history(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """A ledger record's per-epoch history: its validation curve (older records kept every metric)."""
+    if "history" in entry:
+        return entry["history"]
+    return [{"epoch": i, "val_top1": v} for i, v in enumerate(entry.get("val_top1_curve", []), 1)]
+
+
+def _short(value: float | None) -> float | None:
+    """A time to 6 significant digits: no more is meaningful, the ledger stays small."""
     return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
@@ -254,7 +267,8 @@ class Study:
             if status != "partial" or entry is None:
                 return Run(job, status, read_history(path), outcome.get("message"), outcome.get("machine"), path)
         if entry is not None:
-            return Run(job, entry["status"], entry.get("history", []), entry.get("message"), entry.get("machine"))
+            return Run(job, entry["status"], ledger_history(entry), entry.get("message"), entry.get("machine"),
+                       recorded=entry)
         return Run(job, "pending", [], path=None)
 
     def _check_same_settings(self, job: JobLike, saved: dict[str, Any], path: Path) -> None:

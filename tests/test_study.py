@@ -69,20 +69,30 @@ def test_the_ledger_counts_committed_runs_as_done(tmp_path, calls):
     first.run([job])
     ledger = tmp_path / "results.json"
     ran = first.load(job)
-    ran.history[-1]["val_top1"] = 1 / 3  # more digits than the ledger keeps of a loss: kept exact
+    ran.history[-1].update(val_top1=1 / 3, train_acc=2 / 3)  # more digits than the ledger keeps of a time: exact
     write_json(ledger, {"runs": [record(ran, tmp_path)]})
     entry = json.loads(ledger.read_text())["runs"][0]
-    assert entry["group"] == "t" and entry["config"]["lr"] == 0.05 and entry["history"][0]["epoch"] == 1
+    assert entry["group"] == "t" and entry["config"]["lr"] == 0.05 and entry["val_top1_curve"] == [1 / 3]
+    assert "history" not in entry and entry["eval_time_median_s"] > 0  # compact: the run folder has the rest
     # Another machine: an empty work folder, the committed results.
     other = Study(tmp_path / "b", ledger=ledger)
     run = other.load(job)
     assert run.status == "finished" and run.top1() == ran.top1() == 100 * (1 / 3) and run.path is None
+    assert run.train_acc() == ran.train_acc() == 100 * (2 / 3)
+    assert run.epoch_time() == pytest.approx(ran.epoch_time(), rel=1e-5) and run.eval_time() > 0
+    assert record(run, tmp_path) == entry  # a report rewritten from the ledger keeps the record as it was
     assert other.run([job]) == [] and calls == ["base"]
     # An entry written before a setting existed counts as that setting's default.
     older = json.loads(ledger.read_text())
     del older["runs"][0]["config"]["kxk_branches"]
     write_json(tmp_path / "older.json", older)
     assert Study(tmp_path / "c", ledger=tmp_path / "older.json").load(job).status == "finished"
+    # An entry of the older format (every metric per epoch, no curve) reads back the same figures.
+    verbose = {k: v for k, v in entry.items() if k not in ("val_top1_curve", "eval_time_median_s")}
+    write_json(tmp_path / "verbose.json", {"runs": [{**verbose, "history": ran.history}]})
+    old = Study(tmp_path / "d", ledger=tmp_path / "verbose.json").load(job)
+    assert (old.top1(), old.train_acc(), old.eval_time()) == (ran.top1(), ran.train_acc(), ran.eval_time())
+    assert record(old, tmp_path)["val_top1_curve"] == [1 / 3]
     # Where the location differs only (the data folder, workers), the entry still matches ...
     assert other.load(_job("base", method="baseline", workers=2)).status == "finished"
     # ... but not a setting that shapes the result, nor with the ledger set aside (files needed).
