@@ -24,10 +24,10 @@ validation split. The study is made of groups, each a set of runs over ``--seeds
 
 Results: ``data_efficiency.{json,md,png}`` in ``--out-dir`` (``benchmarks/results``),
 rewritten after every run; the JSON holds every run's record (its figures and validation
-curve; the run folder has every metric) and is the study's ledger, so runs it records as finished are not trained again (a committed
-study resumes on another machine). Runs live under ``--work-dir``; running the same
-command again resumes interrupted runs. Groups whose runs are not finished are reported
-as far as they got, and say so.
+curve; the run folder has every metric) and is the study's ledger, so runs it records as
+finished are not trained again (a committed study resumes on another machine). Runs live
+under ``--work-dir``; running the same command again resumes interrupted runs. Groups whose
+runs are not finished are reported as far as they got, and say so.
 
     # the study, two runs at a time, in the background (hours)
     OMP_NUM_THREADS=1 nohup python benchmarks/data_efficiency.py --parallel 2 &

@@ -137,7 +137,6 @@ def record(run: Run, root: str | os.PathLike | None = None) -> dict[str, Any]:
     name no machine's folders).
     """
     h = run.history
-    eval_time = run.eval_time()
     config = run.job.config.to_json()
     if root is not None:
         config.update({k: relative(config[k], root) for k in ("data_dir", "init_weights") if config.get(k)})
@@ -147,8 +146,7 @@ def record(run: Run, root: str | os.PathLike | None = None) -> dict[str, Any]:
         "epochs": run.job.config.epochs, "epochs_run": len(h),
         "last_top1": run.top1(), "best_top1": run.top1(best + 1) if h else None,
         "best_epoch": best + 1 if h else None, "last_train_acc": run.train_acc(),
-        "epoch_time_median_s": _short(run.epoch_time()),
-        **({"eval_time_median_s": _short(eval_time)} if eval_time is not None else {}),
+        "epoch_time_median_s": _short(run.epoch_time()), "eval_time_median_s": _short(run.eval_time()),
         "machine": run.machine, "config": config,
         "val_top1_curve": [e["val_top1"] for e in h],  # fractions, exact: a report's figures equal the run's
     }
